@@ -1,0 +1,56 @@
+"""The ``gct-surgery`` command line: a thin layer over the library.
+
+Each command lives in its own module and only parses, calls the library and prints.
+Torch and timm are imported inside the command functions, so ``--help`` is instant.
+A ``UserError`` from the library becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="gct-surgery",
+    help="Put Gated Channel Transformation (GCT) gates into a trained CNN, fine-tune them "
+         "in stages, and export the result.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Put Gated Channel Transformation (GCT) gates into a trained CNN, fine-tune them
+    in stages, and export the result."""
+
+
+# Command modules register themselves on ``app`` when imported.
+from . import inject as _inject  # noqa: E402,F401
+from . import _optional  # noqa: E402,F401  (finetune, eval, export, inspect, demo)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; a ``UserError`` is one line and code 2."""
+    from ..errors import UserError
+    from ._output import error
+
+    try:
+        app(args=argv, prog_name="gct-surgery")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except UserError as e:
+        error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        error("interrupted")
+        return 130
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

@@ -1,0 +1,192 @@
+"""The high-level operations behind the commands, usable from Python.
+
+Each function takes plain arguments and returns a dataclass; the CLI only parses
+arguments and prints what these return.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointMeta, is_gct_checkpoint, load_checkpoint, save
+from .errors import SourceError
+from .gate import GateConfig
+from .sources import STATE_DICT_SUFFIXES, ModelSource, build_model, parse_source
+from .surgery import InjectionReport, inject
+from .targets import TargetSpec
+
+
+def open_model(
+    source: str,
+    *,
+    arch: str | None = None,
+    weights: str | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    allow_pickle: bool = False,
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Open any SOURCE (see ``sources``) as ``(model, metadata)``.
+
+    A gct-surgery checkpoint brings its own metadata; anything else gets fresh
+    metadata that records how to rebuild it.
+    """
+    kind, location = parse_source(source)
+    if kind == "file":
+        path = Path(location)
+        if not path.exists():
+            raise SourceError(f"no such file: {path} (a SOURCE is timm:NAME, torchvision:NAME, "
+                              "file.py:factory or a checkpoint file)")
+        if path.is_dir():
+            raise SourceError(f"{path} is a folder, not a checkpoint file")
+        if path.suffix == ".safetensors" and is_gct_checkpoint(path):
+            loaded = load_checkpoint(path, allow_pickle=allow_pickle)
+            return loaded.model, loaded.meta
+        if arch is None:
+            if allow_pickle and path.suffix in (".pt", ".pth"):
+                return _open(ModelSource(f"pickle:{path}"), allow_pickle)
+            raise SourceError(
+                f"{path} holds a plain state dict; say which model it is for with "
+                "--arch timm:NAME, torchvision:NAME or file.py:factory")
+        if path.suffix not in STATE_DICT_SUFFIXES:
+            raise SourceError(f"{path}: unknown checkpoint type {path.suffix!r} "
+                              f"(expected one of {', '.join(STATE_DICT_SUFFIXES)})")
+        return _open(ModelSource(arch, _kwargs(arch, num_classes, in_chans), weights=str(path)),
+                     allow_pickle)
+    if arch is not None:
+        raise SourceError("--arch is only for a state-dict file SOURCE")
+    return _open(ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
+                             pretrained=pretrained), allow_pickle)
+
+
+def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
+    kind, _ = parse_source(spec)
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        if kind != "timm":
+            raise SourceError("--in-chans applies to timm models only")
+        kwargs["in_chans"] = in_chans
+    return kwargs
+
+
+def _open(source: ModelSource, allow_pickle: bool) -> tuple[nn.Module, CheckpointMeta]:
+    model = build_model(source, allow_pickle=allow_pickle)
+    meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[],
+                          data=data_config(model))
+    meta = meta.with_event("open", source=source.spec, weights=source.weights,
+                           pretrained=source.pretrained)
+    return model, meta
+
+
+def data_config(model: nn.Module) -> dict:
+    """Input size and normalisation for a model: timm's pretrained config when it has
+    one, else ImageNet defaults with an input size guessed from the first conv."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        from timm.data import resolve_data_config
+
+        resolved = resolve_data_config({}, model=model)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    channels = first.in_channels if first is not None else 3
+    dims = len(first.kernel_size) if first is not None else 2
+    spatial = {1: [256], 2: [224, 224], 3: [8, 112, 112]}[dims]
+    return {"input_size": [channels, *spatial]}
+
+
+def example_input(meta: CheckpointMeta, batch: int = 2, seed: int = 0,
+                  input_size: list[int] | None = None) -> torch.Tensor:
+    """A seeded random batch of the model's input size, for verification."""
+    size = input_size or meta.data.get("input_size") or [3, 224, 224]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *size, generator=g)
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (a tensor, tuple, list or dict)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flat_outputs(o)]
+    return []
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        return flat_outputs(model(x))
+    finally:
+        model.train(was_training)
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """max |a - b| over every output tensor; inf if the structures differ."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()]
+    return max(diffs, default=0.0)
+
+
+@dataclass
+class InjectResult:
+    report: InjectionReport
+    max_abs_diff: float
+    meta: CheckpointMeta
+    output: Path | None
+
+    def to_dict(self) -> dict:
+        return {**self.report.to_dict(), "max_abs_diff": self.max_abs_diff,
+                "output": str(self.output) if self.output else None}
+
+
+def inject_model(
+    model: nn.Module,
+    meta: CheckpointMeta,
+    *,
+    targets: TargetSpec = TargetSpec(),
+    gate: GateConfig = GateConfig(),
+    output: str | Path | None = None,
+    verify: bool = True,
+    input_size: list[int] | None = None,
+) -> InjectResult:
+    """Inject gates, check that the output is unchanged, and save if ``output`` is set."""
+    if meta.gate and meta.gated and GateConfig(**meta.gate) != gate:
+        raise SourceError(f"the model already has gates made with {meta.gate}; "
+                          "use the same --mode/--eps/--after-relu or start from the base model")
+    x = example_input(meta, input_size=input_size) if verify else None
+    before = run_model(model, x) if verify else None
+    report = inject(model, targets, gate)
+    diff = max_difference(before, run_model(model, x)) if verify else float("nan")
+    meta.gate = gate.__dict__.copy()
+    meta.targets = targets.to_dict()
+    meta.gated = report.gated
+    meta = meta.with_event("inject", gates_added=report.gates_added, targets=targets.to_dict(),
+                           gate=meta.gate, max_abs_diff=diff)
+    if output is not None:
+        save(model, output, meta)
+    return InjectResult(report, diff, meta, Path(output) if output else None)
+
+
+def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig) -> list[dict]:
+    """The dry run: one row per candidate convolution, with what would happen to it."""
+    from .targets import select_targets
+
+    rows = []
+    for t in select_targets(model, targets).targets:
+        rows.append({
+            "module": t.name, "kind": t.kind, "in_channels": t.in_channels,
+            "kernel": "x".join(map(str, t.kernel_size)), "groups": t.groups,
+            "gate_params": 3 * t.in_channels if t.selected and not t.already_gated else 0,
+            "action": ("already gated" if t.already_gated else "gate") if t.selected else f"skip: {t.reason}",
+        })
+    return rows
