@@ -274,7 +274,16 @@ def load(path: str | os.PathLike | None = None, *, base=None, gates=None, allow_
     """Load a gct-surgery checkpoint as a ready ``nn.Module`` (in eval mode).
 
     ``load("model.safetensors")`` rebuilds the full model.
+    ``load(base=..., gates="gates.safetensors")`` applies a gates-only file to its base
+    (an ``nn.Module``, a SOURCE or a weights file; by default the recorded base) and
+    refuses a base whose weights differ from the one the file was made from.
     """
+    if gates is not None:
+        if path is not None:
+            raise TypeError("load() takes either a checkpoint path or base=/gates=, not both")
+        from .adapter import apply_adapter
+
+        return apply_adapter(gates, base, allow_pickle=allow_pickle)
     if path is None:
-        raise TypeError("load() needs a checkpoint path")
+        raise TypeError("load() needs a checkpoint path, or gates= (and base=)")
     return load_checkpoint(path, allow_pickle=allow_pickle).model

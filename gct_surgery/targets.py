@@ -109,7 +109,7 @@ def is_conv(module: nn.Module) -> bool:
 
 
 def _describe(name: str, module: nn.Module) -> Target:
-    if isinstance(module, nn.modules.conv._ConvNd) or hasattr(module, "in_channels"):
+    if isinstance(module, nn.modules.conv._ConvNd) or hasattr(module, "kernel_size"):
         ks = module.kernel_size
         ks = tuple(ks) if isinstance(ks, (tuple, list)) else (int(ks),) * 2
         return Target(name, module, int(module.in_channels), ks, int(module.groups), len(ks))

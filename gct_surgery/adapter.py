@@ -1,0 +1,167 @@
+"""Gates-only files: a small adapter applied on top of a base model (PEFT style).
+
+The file holds the gate tensors plus every other tensor that differs from the base
+(a new head, BN statistics, base weights changed by a full fine-tuning stage), and
+gct-surgery metadata with ``kind = "gates-only"``. ``base_hash`` fingerprints the
+base weights: applying the file to any other base would silently give a different
+model, so ``apply_adapter`` refuses it.
+
+The base is a model the user has, not the checkpoint's random init: ``resolve_base``
+takes a SOURCE or falls back to the weights recorded when the model was first opened.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import (METADATA_KEY, CheckpointMeta, dedupe_shared, read_metadata,
+                         read_tensors, rebuild, save_tensors)
+from .errors import CheckpointError, SourceError
+from .sources import ModelSource, build_model, parse_source
+from .surgery import is_gate_parameter
+
+HASH_PREFIX = "sha256:"
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights of a model: its state dict without gate tensors."""
+    return {k: v for k, v in model.state_dict().items() if not is_gate_parameter(k)}
+
+
+def base_hash(model_or_state: nn.Module | dict) -> str:
+    """sha256 over the base tensors in name order: name, dtype, shape and bytes."""
+    state = base_state(model_or_state) if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return HASH_PREFIX + h.hexdigest()
+
+
+def _open_event(meta: CheckpointMeta) -> dict:
+    return next((e for e in meta.history if e.get("action") == "open"), {})
+
+
+def recorded_base(meta: CheckpointMeta) -> ModelSource:
+    """The base the checkpoint was first opened from, as a buildable source.
+
+    A timm/torchvision model opened without weights was a random init, which cannot
+    be rebuilt: the user has to name the base.
+    """
+    event = _open_event(meta)
+    spec = event.get("source") or meta.source.get("spec")
+    weights, pretrained = event.get("weights"), bool(event.get("pretrained"))
+    if not isinstance(spec, str):
+        raise CheckpointError("the checkpoint records no base model; pass --base SOURCE")
+    kind, _ = parse_source(spec)
+    if kind in ("timm", "torchvision") and not weights and not pretrained:
+        raise CheckpointError(
+            f"the checkpoint's base is {spec} with random initial weights, which cannot be "
+            "rebuilt; pass --base SOURCE naming the base weights (e.g. a .safetensors file)")
+    return ModelSource(spec, dict(meta.source.get("kwargs") or {}), weights=weights,
+                       pretrained=pretrained)
+
+
+def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | None = None, *,
+                 allow_pickle: bool = False) -> tuple[nn.Module, str]:
+    """The base model and a description of it, from a module, a SOURCE or the record.
+
+    A plain state-dict file is read as weights for the checkpoint's architecture, so
+    ``--base resnet50.safetensors`` works without ``--arch``.
+    """
+    if isinstance(base, nn.Module):
+        return base, "the given base model"
+    if base is None:
+        source = recorded_base(meta)
+        where = source.weights or source.spec
+        return build_model(source, allow_pickle=allow_pickle), str(where)
+    text = str(base)
+    kind, location = parse_source(text)
+    if kind == "file":
+        from .checkpoint import is_gct_checkpoint, load_checkpoint
+
+        path = Path(location)
+        if not path.is_file():
+            raise SourceError(f"no such base file: {path}")
+        if path.suffix == ".safetensors" and is_gct_checkpoint(path):
+            if read_metadata(path).kind != "full":
+                raise CheckpointError(f"{path} is a gates-only file, not a base model")
+            return load_checkpoint(path, allow_pickle=allow_pickle).model, text
+        arch = _open_event(meta).get("source") or meta.source.get("spec")
+        source = ModelSource(arch, dict(meta.source.get("kwargs") or {}), weights=text)
+        return build_model(source, allow_pickle=allow_pickle), text
+    source = ModelSource(text, dict(meta.source.get("kwargs") or {}))
+    return build_model(source, allow_pickle=allow_pickle), text
+
+
+def changed_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
+    """Every gate tensor, and every other tensor of ``model`` that the base lacks or
+    holds with another shape, dtype or value."""
+    reference = base_state(base)
+    out = {}
+    for name, t in model.state_dict().items():
+        ref = reference.get(name)
+        if (is_gate_parameter(name) or ref is None or ref.shape != t.shape
+                or ref.dtype != t.dtype or not torch.equal(ref, t)):
+            out[name] = t
+    return out
+
+
+def save_adapter(model: nn.Module, meta: CheckpointMeta, base: nn.Module, path: str | os.PathLike,
+                 *, base_name: str) -> CheckpointMeta:
+    """Write the gates-only file for ``model`` relative to ``base``; returns its metadata."""
+    from .surgery import gated_modules
+
+    tensors, aliases = dedupe_shared(changed_tensors(model, base))
+    changed = sorted(k for k in tensors if not is_gate_parameter(k))
+    out = CheckpointMeta(**{**meta.__dict__, "history": list(meta.history)})
+    out.kind = "gates-only"
+    out.gated = list(gated_modules(model))
+    out.aliases = aliases
+    out.base_hash = base_hash(base)
+    out = out.with_event("export-gates-only", base=base_name, base_hash=out.base_hash,
+                         changed_base_tensors=changed)
+    save_tensors(path, tensors, {METADATA_KEY: out.to_json()})
+    return out
+
+
+def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None, *,
+                  allow_pickle: bool = False) -> nn.Module:
+    """Rebuild the gated model from its base and a gates-only file (in eval mode).
+
+    Refuses a base whose weights hash differs from the one the file was made from.
+    The base is not modified.
+    """
+    from .sources import load_weights
+
+    meta = read_metadata(gates)
+    if meta.kind != "gates-only":
+        raise CheckpointError(f"{gates} is a full checkpoint, not a gates-only file; load it "
+                              "with load(path)")
+    if not meta.base_hash:
+        raise CheckpointError(f"{gates} records no base_hash; it cannot be checked against a base")
+    base_model, base_name = resolve_base(meta, base, allow_pickle=allow_pickle)
+    state = base_state(base_model)
+    found = base_hash(state)
+    if found != meta.base_hash:
+        made_for = next((e.get("base") for e in reversed(meta.history)
+                         if e.get("action") == "export-gates-only"), "another base")
+        raise CheckpointError(
+            f"{base_name} is not the base {gates} was made for ({made_for}): base weights hash "
+            f"{found[len(HASH_PREFIX):][:12]}, expected {meta.base_hash[len(HASH_PREFIX):][:12]}")
+    model = rebuild(meta, allow_pickle=allow_pickle)
+    tensors = read_tensors(gates)
+    for dropped, kept in meta.aliases.items():
+        if kept in tensors:
+            tensors[dropped] = tensors[kept]
+    expected = model.state_dict()
+    merged = {k: v for k, v in state.items()
+              if k in expected and k not in tensors and v.shape == expected[k].shape}
+    merged.update(tensors)
+    load_weights(model, merged, what=f"{base_name} + {gates}", allow_missing_gates=False)
+    return model.eval()
