@@ -153,7 +153,8 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
                          if e.get("action") == "export-gates-only"), "another base")
         raise CheckpointError(
             f"{base_name} is not the base {gates} was made for ({made_for}): base weights hash "
-            f"{found[len(HASH_PREFIX):][:12]}, expected {meta.base_hash[len(HASH_PREFIX):][:12]}")
+            f"{found[len(HASH_PREFIX):][:12]}, expected {meta.base_hash[len(HASH_PREFIX):][:12]}; "
+            "pass the weights it was exported from as the base")
     model = rebuild(meta, allow_pickle=allow_pickle)
     tensors = read_tensors(gates)
     for dropped, kept in meta.aliases.items():

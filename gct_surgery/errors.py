@@ -27,3 +27,7 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A data folder is missing or malformed."""
+
+
+class VerificationError(UserError):
+    """An export did not reproduce its source model; nothing was written."""

@@ -5,19 +5,19 @@ arguments and prints what these return.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointMeta, is_gct_checkpoint, load_checkpoint, save
+from .checkpoint import METADATA_KEY, CheckpointMeta, load_checkpoint, read_header, save
 from .errors import SourceError
 from .gate import GateConfig
 from .sources import STATE_DICT_SUFFIXES, ModelSource, build_model, parse_source
 from .surgery import InjectionReport, inject
-from .targets import TargetSpec
+from .targets import TargetSpec, find_functional_convs
 
 
 def open_model(
@@ -43,15 +43,17 @@ def open_model(
                               "file.py:factory or a checkpoint file)")
         if path.is_dir():
             raise SourceError(f"{path} is a folder, not a checkpoint file")
-        if path.suffix == ".safetensors" and is_gct_checkpoint(path):
+        if _is_safetensors(path) and METADATA_KEY in read_header(path)[1]:  # corrupt: a clear error
             loaded = load_checkpoint(path, allow_pickle=allow_pickle)
             return loaded.model, loaded.meta
         if arch is None:
             if allow_pickle and path.suffix in (".pt", ".pth"):
                 return _open(ModelSource(f"pickle:{path}"), allow_pickle)
             raise SourceError(
-                f"{path} holds a plain state dict; say which model it is for with "
-                "--arch timm:NAME, torchvision:NAME or file.py:factory")
+                f"{path} is not a gct-surgery checkpoint; if it holds a plain state dict, say "
+                "which model it is for with --arch timm:NAME, torchvision:NAME or file.py:factory"
+                + ("" if _is_safetensors(path) else
+                   " (a whole pickled module needs --allow-pickle, which runs its code)"))
         if path.suffix not in STATE_DICT_SUFFIXES:
             raise SourceError(f"{path}: unknown checkpoint type {path.suffix!r} "
                               f"(expected one of {', '.join(STATE_DICT_SUFFIXES)})")
@@ -61,6 +63,18 @@ def open_model(
         raise SourceError("--arch is only for a state-dict file SOURCE")
     return _open(ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
                              pretrained=pretrained), allow_pickle)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content (a gct-surgery checkpoint renamed to .pt is still one)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(head) == 9 and head[8:9] == b"{":  # a header size, then the JSON header
+        return True
+    return path.suffix == ".safetensors" and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80"
 
 
 def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
@@ -79,8 +93,8 @@ def _open(source: ModelSource, allow_pickle: bool) -> tuple[nn.Module, Checkpoin
     model = build_model(source, allow_pickle=allow_pickle)
     meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[],
                           data=data_config(model))
-    meta = meta.with_event("open", source=source.spec, weights=source.weights,
-                           pretrained=source.pretrained)
+    meta = meta.with_event("open", source=source.spec, kwargs=dict(source.kwargs),
+                           weights=source.weights, pretrained=source.pretrained)
     return model, meta
 
 
@@ -143,9 +157,12 @@ class InjectResult:
     max_abs_diff: float
     meta: CheckpointMeta
     output: Path | None
+    # convs called as functions (F.conv2d) in some forward: no module to gate
+    functional_convs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**self.report.to_dict(), "max_abs_diff": self.max_abs_diff,
+                "functional_convs": self.functional_convs,
                 "output": str(self.output) if self.output else None}
 
 
@@ -164,9 +181,17 @@ def inject_model(
         raise SourceError(f"the model already has gates made with {meta.gate}; "
                           "use the same --mode/--eps/--after-relu or start from the base model")
     x = example_input(meta, input_size=input_size) if verify else None
-    before = run_model(model, x) if verify else None
+    try:
+        before = run_model(model, x) if verify else None
+        functional = find_functional_convs(model, x) if verify else []
+    except (RuntimeError, ValueError, TypeError) as e:
+        size = list(x.shape[1:]) if x is not None else None
+        raise SourceError(f"the model does not run on a batch of size {size} "
+                          f"({str(e).splitlines()[0][:160]}); pass --input-size C,H,W") from None
     report = inject(model, targets, gate)
     diff = max_difference(before, run_model(model, x)) if verify else float("nan")
+    if input_size:
+        meta.data = {**meta.data, "input_size": list(input_size)}  # later commands use it
     meta.gate = gate.__dict__.copy()
     meta.targets = targets.to_dict()
     meta.gated = report.gated
@@ -174,7 +199,7 @@ def inject_model(
                            gate=meta.gate, max_abs_diff=diff)
     if output is not None:
         save(model, output, meta)
-    return InjectResult(report, diff, meta, Path(output) if output else None)
+    return InjectResult(report, diff, meta, Path(output) if output else None, functional)
 
 
 def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig) -> list[dict]:

@@ -22,3 +22,15 @@ def cli_path() -> str:
 @pytest.fixture(scope="session")
 def cli() -> str:
     return cli_path()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One torch thread per test process: on a shared 2-core machine, two threads
+    contend and make small training steps ~20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

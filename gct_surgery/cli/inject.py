@@ -42,7 +42,7 @@ def inject(
     mode: str = typer.Option("l2", help="Gate embedding: l2 (paper default) or l1."),
     eps: float = typer.Option(1e-5, help="Gate epsilon."),
     after_relu: bool = typer.Option(False, "--after-relu", help="l1 mode: inputs are non-negative, skip abs()."),
-    input_size: Optional[str] = typer.Option(None, help="Input size for the identity check, e.g. 3,224,224."),
+    input_size: Optional[str] = typer.Option(None, help="The model's input size, e.g. 3,224,224: used for the identity check and recorded for fine-tuning and export."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling a whole-module file. A pickle runs code: only for files you trust."),
@@ -86,7 +86,12 @@ def inject(
         ("base parameters", r.base_params), ("trainable parameters", r.trainable_params),
         ("identity check max |Δ|", result.max_abs_diff), ("written", str(output)),
     ])
-    if result.max_abs_diff != 0.0:
-        from ._output import warn
+    from ._output import warn
 
+    for name, aliases in r.to_dict()["tied"].items():
+        info(f"{name} is shared (tied) with {', '.join(aliases)}: one gate serves every use")
+    if result.functional_convs:
+        warn(f"{len(result.functional_convs)} convolutions are called as functions, not modules, "
+             f"and are not gated: {', '.join(result.functional_convs)}")
+    if result.max_abs_diff != 0.0:
         warn(f"output changed by {result.max_abs_diff:.3g} after injection")
