@@ -29,6 +29,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gate.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_inference.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_stages.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_startup.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -10,7 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GCT": "gate", "GateConfig": "gate", "gct_reference": "gate",
+    "GCT": "gate", "GateConfig": "gate", "gct": "gate", "gct_reference": "gate",
+    "set_gate_impl": "gate",
     "TargetSpec": "targets", "select_targets": "targets",
     "inject": "surgery", "remove": "surgery", "gates": "surgery", "gated_modules": "surgery",
     "InjectionReport": "surgery",

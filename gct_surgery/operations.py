@@ -57,11 +57,11 @@ def open_model(
         if path.suffix not in STATE_DICT_SUFFIXES:
             raise SourceError(f"{path}: unknown checkpoint type {path.suffix!r} "
                               f"(expected one of {', '.join(STATE_DICT_SUFFIXES)})")
-        return _open(ModelSource(arch, _kwargs(arch, num_classes, in_chans), weights=str(path)),
+        return _open(ModelSource(absolute_spec(arch), _kwargs(arch, num_classes, in_chans), weights=str(path)),
                      allow_pickle)
     if arch is not None:
         raise SourceError("--arch is only for a state-dict file SOURCE")
-    return _open(ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
+    return _open(ModelSource(absolute_spec(source), _kwargs(source, num_classes, in_chans), weights=weights,
                              pretrained=pretrained), allow_pickle)
 
 
@@ -75,6 +75,15 @@ def _is_safetensors(path: Path) -> bool:
     if len(head) == 9 and head[8:9] == b"{":  # a header size, then the JSON header
         return True
     return path.suffix == ".safetensors" and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80"
+
+
+def absolute_spec(spec: str) -> str:
+    """``file.py:factory`` with an absolute path, so a checkpoint loads from any folder."""
+    kind, location = parse_source(spec)
+    module_ref, _, attr = location.rpartition(":")
+    if kind == "factory" and module_ref.endswith(".py"):
+        return f"{Path(module_ref).resolve()}:{attr}"
+    return spec
 
 
 def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:

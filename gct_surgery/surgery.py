@@ -34,6 +34,30 @@ class GatedConvMixin:
         return super().forward(self.gate(x), *args, **kwargs)
 
 
+class _GateHiddenFromIteration:
+    """For a conv that is also a module container (timm's ``MixedConv2d`` is a
+    ``ModuleDict`` of per-split convs): its forward iterates its children, and must
+    not meet the gate there. ``state_dict`` and ``named_modules`` still see the gate."""
+
+    def __iter__(self):
+        gate = self._modules.get(GATE_ATTR)
+        return (v for v in super().__iter__()
+                if v is not gate and not (isinstance(v, str) and v == GATE_ATTR))
+
+    def __len__(self) -> int:
+        return super().__len__() - (GATE_ATTR in self._modules)
+
+    def keys(self):
+        return [k for k in super().keys() if k != GATE_ATTR]
+
+    def items(self):
+        return [(k, v) for k, v in super().items() if k != GATE_ATTR]
+
+    def values(self):
+        return [v for _, v in self.items()]
+
+
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.Sequential)
 _GATED_CLASSES: dict[type, type] = {}
 
 
@@ -45,9 +69,11 @@ def gated_class(conv_cls: type) -> type:
     name = f"Gated{conv_cls.__name__}"
     while name in globals():
         name += "_"
-    cls = type(name, (GatedConvMixin, conv_cls), {"_gct_base_class": conv_cls,
-                                                   "__module__": __name__,
-                                                   "__qualname__": name})
+    bases = (GatedConvMixin, conv_cls)
+    if issubclass(conv_cls, _CONTAINERS):
+        bases = (GatedConvMixin, _GateHiddenFromIteration, conv_cls)
+    cls = type(name, bases, {"_gct_base_class": conv_cls, "__module__": __name__,
+                             "__qualname__": name})
     globals()[name] = cls
     _GATED_CLASSES[conv_cls] = cls
     return cls
@@ -96,6 +122,8 @@ class InjectionReport:
             "trainable_params": self.trainable_params,
             "gated": self.gated,
             "skipped": {t.name: t.reason for t in self.selection.skipped},
+            # a conv shared at several places (weight tying) has one gate: its other names
+            "tied": {t.name: t.aliases for t in self.selection.selected if t.aliases},
         }
 
 

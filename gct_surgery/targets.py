@@ -14,7 +14,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import NoTargetsError, UserError
 
@@ -190,3 +192,64 @@ def _no_match_message(selection: Selection, spec: TargetSpec) -> str:
     example = ", ".join(t.name for t in selection.targets[:3])
     return (f"no convolution matched {' '.join(filters) or 'the selection'} "
             f"(the model has {n} convolutions, e.g. {example})")
+
+
+# --- convolutions no module owns ------------------------------------------------------
+
+_CONV_FUNCTIONS = {
+    f: f"F.{f.__name__}" for f in (
+        torch.conv1d, torch.conv2d, torch.conv3d,
+        torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+        nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d,
+        nn.functional.conv_transpose1d, nn.functional.conv_transpose2d,
+        nn.functional.conv_transpose3d, torch.convolution)
+}
+
+
+class _ConvCallRecorder(TorchFunctionMode):
+    """Records every conv function called while no conv module is running."""
+
+    def __init__(self, stack: list[tuple[str, bool]]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.calls: dict[str, None] = {}  # an ordered set
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        fn = _CONV_FUNCTIONS.get(func)
+        if fn is not None and not any(inside_conv for _, inside_conv in self.stack):
+            where = self.stack[-1][0] if self.stack else ""
+            self.calls[f"{where or '<model>'} ({fn})"] = None
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def find_functional_convs(model: nn.Module, example_input) -> list[str]:
+    """Convolutions called functionally (``F.conv2d(x, w)`` in some forward, not through
+    a conv module): surgery cannot gate them, so reports list them. Each entry names the
+    module whose forward made the call, e.g. ``'head.fuse (F.conv2d)'``.
+
+    Runs one forward pass in eval mode on ``example_input``.
+    """
+    stack: list[tuple[str, bool]] = []  # (module name, is a conv) of running forwards
+
+    def enter(name: str, conv: bool):
+        return lambda module, args: stack.append((name, conv))
+
+    def leave(module, args, output):
+        stack.pop()  # returns None: the output is left alone
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name, is_conv(module))))
+        handles.append(module.register_forward_hook(leave))
+    recorder = _ConvCallRecorder(stack)
+    was_training = model.training
+    model.eval()
+    try:
+        with recorder:
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(recorder.calls)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 OUR_FAILURES = ("fail",)
 NOT_COUNTED = ("no-conv",)
+NOT_RUN = ("too-large",)  # skipped before building: over the memory cap
 
 
 # --- the parent: chunks, resume, watchdog -------------------------------------------
@@ -98,7 +99,7 @@ def run_chunk(models: list[str], args: argparse.Namespace) -> None:
                "--max-size", str(args.max_size), "--max-params", str(args.max_params),
                "--models", ",".join(pending)]
         proc = subprocess.Popen(cmd, env=_worker_env())
-        last_change, last_seen = time.monotonic(), ""
+        last_change, last_seen, hung = time.monotonic(), "", False
         while proc.poll() is None:
             time.sleep(1.0)
             seen = progress.read_text() if progress.exists() else ""
@@ -106,6 +107,7 @@ def run_chunk(models: list[str], args: argparse.Namespace) -> None:
                 last_seen, last_change = seen, time.monotonic()
             # The worker's own alarm handles slow Python; this catches stuck C code.
             if time.monotonic() - last_change > args.timeout + 60:
+                hung = True
                 proc.kill()
                 proc.wait()
                 break
@@ -115,10 +117,11 @@ def run_chunk(models: list[str], args: argparse.Namespace) -> None:
             return
         current = last_seen.strip() or pending[0]
         if current in pending:
-            status = "timeout" if proc.returncode in (-9, None) else "crash"
-            append_result(Path(args.out), {
-                "model": current, "status": status,
-                "reason": f"worker {'killed after hanging' if status == 'timeout' else f'died (exit {proc.returncode})'}"})
+            # A crash includes the kernel's OOM killer (exit -9 that we did not send).
+            reason = ("worker killed after hanging" if hung
+                      else f"worker died (exit {proc.returncode}; -9 is the OOM killer)")
+            append_result(Path(args.out), {"model": current, "reason": reason,
+                                           "status": "timeout" if hung else "crash"})
             pending.remove(current)
 
 
@@ -127,11 +130,17 @@ def sweep(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     names = list_timm_models(args.filter)
     done = read_results(out)
+    if args.retry_timeouts:  # e.g. again with a longer --timeout, on a quieter machine
+        done = {k: v for k, v in done.items() if v["status"] not in ("timeout", "crash")}
     todo = [n for n in names if n not in done]
+    n_done = len(names) - len(todo)
+    if args.shuffle is not None:  # a partial sweep is then a uniform random sample
+        import random
+
+        random.Random(args.shuffle).shuffle(todo)
     if args.limit:
         todo = todo[: args.limit]
-    print(f"{len(names)} models, {len(names) - len(todo) if not args.limit else len(done)} "
-          f"already swept, {len(todo)} to go", flush=True)
+    print(f"{len(names)} models, {n_done} already swept, {len(todo)} to sweep now", flush=True)
     t0 = time.monotonic()
     for i in range(0, len(todo), args.chunk):
         chunk = todo[i: i + args.chunk]
@@ -143,30 +152,109 @@ def sweep(args: argparse.Namespace) -> None:
     print_report(out, names)
 
 
-def print_report(out: Path, names: list[str] | None = None) -> None:
-    results = read_results(out)
-    if names is not None:
-        results = {k: v for k, v in results.items() if k in set(names)}
-    rows = list(results.values())
+def summarize(rows: list[dict]) -> dict:
+    """The figures: the strict pass rate over every conv model swept, and the rate
+    over the models whose base runs (our failures only)."""
     counts = Counter(r["status"] for r in rows)
-    conv = [r for r in rows if r["status"] not in NOT_COUNTED]
-    passed = counts["pass"]
-    print(f"swept {len(rows)} models: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    if conv:
-        ours = passed + sum(counts[s] for s in OUR_FAILURES)
-        print(f"pass rate over conv models: {passed}/{len(conv)} = {100 * passed / len(conv):.2f}%")
-        if ours:
-            print(f"pass rate where the base model runs (pass + fail): "
-                  f"{passed}/{ours} = {100 * passed / ours:.2f}%")
+    conv = sum(v for k, v in counts.items() if k not in NOT_COUNTED)
+    not_run = sum(counts[s] for s in NOT_RUN)
+    ours = counts["pass"] + sum(counts[s] for s in OUR_FAILURES)
+    tested = conv - not_run
+    return {"counts": dict(sorted(counts.items())), "swept": len(rows), "conv": conv,
+            "not_run": not_run, "tested": tested, "passed": counts["pass"], "ours": ours,
+            "pass_rate": 100 * counts["pass"] / tested if tested else 0.0,
+            "pass_rate_all": 100 * counts["pass"] / conv if conv else 0.0,
+            "pass_rate_ours": 100 * counts["pass"] / ours if ours else 0.0}
+
+
+def print_report(out: Path, names: list[str] | None = None) -> None:
+    rows = _rows(out, names)
+    s = summarize(rows)
+    print(f"swept {s['swept']} models: " + ", ".join(f"{k} {v}" for k, v in s["counts"].items()))
+    print(f"pass rate over conv models run: {s['passed']}/{s['tested']} = {s['pass_rate']:.2f}% "
+          f"({s['not_run']} over the memory cap not run; counting them as failures: "
+          f"{s['pass_rate_all']:.2f}%)")
+    print(f"pass rate where the base model runs (pass + fail): "
+          f"{s['passed']}/{s['ours']} = {s['pass_rate_ours']:.2f}%")
     for r in sorted(rows, key=lambda r: (r["status"], r["model"])):
         if r["status"] not in ("pass", "no-conv"):
             print(f"  {r['status']:12s} {r['model']}: {r.get('reason', '')}")
 
 
+def _rows(out: Path, names: list[str] | None) -> list[dict]:
+    results = read_results(out)
+    if names is not None:
+        wanted = set(names)
+        results = {k: v for k, v in results.items() if k in wanted}
+    return sorted(results.values(), key=lambda r: r["model"])
+
+
+def write_markdown(path: Path, out: Path, total: int, command: str, notes: str = "") -> None:
+    """``docs/coverage.md``: the figure, the command, every failure and the full table."""
+    from gct_surgery.atomic import atomic_write_text
+
+    rows = _rows(out, None)
+    s = summarize(rows)
+    lines = [
+        "# Coverage: the whole of timm through gct-surgery",
+        "",
+        "Generated by `scripts/coverage.py` (do not edit by hand). Every timm model is "
+        "built with `pretrained=False` on the CPU, gated in front of every convolution, "
+        "checked for an unchanged output (bit for bit), saved and loaded back (outputs "
+        "compared bit for bit). See the script's docstring for the outcomes.",
+        "",
+        "## The figure",
+        "",
+        f"- timm models registered: **{total}**; swept: **{s['swept']}**"
+        + ("" if s["swept"] >= total else f" (a partial sweep: {total - s['swept']} not yet run)"),
+        f"- models with a convolution (swept): **{s['conv']}**; without one (not counted): "
+        f"{s['counts'].get('no-conv', 0)}",
+        f"- not run: {s['not_run']} conv models over the memory cap (`too-large`: their "
+        "weights and their reloaded copy would crowd a shared 24 GiB machine; raise "
+        "`--max-params` to run them)",
+        f"- **pass rate over the conv models run: {s['passed']}/{s['tested']} = "
+        f"{s['pass_rate']:.2f}%** (timeouts, crashes and model errors count as not passing)",
+        f"- counting the `too-large` ones as failures too: {s['passed']}/{s['conv']} = "
+        f"{s['pass_rate_all']:.2f}%",
+        f"- pass rate where the base model itself builds and runs, within the limits "
+        f"(pass / (pass + fail)): {s['passed']}/{s['ours']} = {s['pass_rate_ours']:.2f}%",
+        "- outcomes: " + ", ".join(f"{k} {v}" for k, v in s["counts"].items()),
+        "",
+        "## The command",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Resumable: run it again with the same `--out` and it sweeps only the models not "
+        "yet there. `--shuffle SEED` sweeps in a seeded random order, so a partial sweep is "
+        "a uniform sample; `--filter 'resnet*'` and `--limit N` narrow it.",
+        "",
+        *([notes.rstrip(), ""] if notes else []),
+        "## Every model that did not pass, with its cause",
+        "",
+        "| model | outcome | cause |",
+        "|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["status"], r["model"])):
+        if r["status"] not in ("pass", "no-conv"):
+            lines.append(f"| {r['model']} | {r['status']} | {r.get('reason', '').replace('|', '/')} |")
+    lines += ["", "## The table", "", "| model | outcome | input | gates | params added | "
+              "identity max abs err | round-trip max abs err | functional convs | s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["model"], r["status"], r.get("input_size", ""), r.get("gates", ""),
+            r.get("params_added", ""), r.get("identity_err", ""), r.get("roundtrip_err", ""),
+            len(r.get("functional_convs", [])) if "functional_convs" in r else "",
+            r.get("seconds", "")))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 # --- the worker: one model at a time --------------------------------------------------
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: library code that catches ``Exception`` must not swallow it."""
 
 
 def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -175,7 +263,7 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     import timm
 
     from gct_surgery.checkpoint import load
-    from gct_surgery.operations import inject_model, max_difference, open_model, run_model
+    from gct_surgery.operations import inject_model, max_difference, run_model
     from gct_surgery.targets import is_conv
 
     row: dict = {"model": name}
@@ -195,8 +283,9 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     except Exception:
         pass  # some models cannot be built on meta; the real build decides
 
+    kwargs, size = _plan_on_meta(name, args.max_size)
     try:
-        model, meta = open_model(f"timm:{name}")
+        model, meta = _open(name, kwargs)
     except _Timeout:
         raise
     except Exception as e:
@@ -205,10 +294,13 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     if not any(is_conv(m) for m in model.modules()):
         return {**row, "status": "no-conv", "reason": "no convolution module"}
 
-    size, before, why = _pick_input(model, meta, args.max_size)
-    if size is None:
-        return {**row, "status": "model-error", "reason": f"forward without gates: {why}"}
+    if size is None:  # the meta device could not tell: probe for real
+        size, _, why = _pick_input(model, meta, args.max_size)
+        if size is None:
+            return {**row, "status": "model-error", "reason": f"forward without gates: {why}"}
     row["input_size"] = "x".join(map(str, size))
+    if kwargs:
+        row["build_kwargs"] = kwargs
     try:
         path = workdir / f"{name}.safetensors"
         result = inject_model(model, meta, input_size=size, output=path)
@@ -218,7 +310,8 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         return {**row, "status": "fail", "reason": f"inject: {_short(e)}"}
     report = result.report
     row.update(gates=report.gates_total, params_added=report.params_added,
-               identity_err=result.max_abs_diff)
+               identity_err=result.max_abs_diff,
+               functional_convs=getattr(result, "functional_convs", []))
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     after = run_model(model, x)
     del model
@@ -239,6 +332,49 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     if row["roundtrip_err"] != 0.0:
         return {**row, "status": "fail", "reason": f"round trip: max |Δ| {row['roundtrip_err']:.3g}"}
     return {**row, "status": "pass"}
+
+
+def _open(name: str, kwargs: dict):
+    from gct_surgery.checkpoint import CheckpointMeta
+    from gct_surgery.operations import data_config
+    from gct_surgery.sources import ModelSource, build_model
+
+    source = ModelSource(f"timm:{name}", kwargs)
+    model = build_model(source)
+    return model, CheckpointMeta(source=source.to_dict(), gate={}, gated=[], data=data_config(model))
+
+
+def _plan_on_meta(name: str, max_size: int) -> tuple[dict, list[int] | None]:
+    """Find the cheapest build and input on the meta device (no memory, no compute):
+    a transformer built for a small ``img_size`` first, then the default build at a
+    capped size, then at its default size. ``({}, None)`` when meta cannot tell."""
+    import torch
+    import timm
+
+    try:
+        with torch.device("meta"):
+            cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    except _Timeout:
+        raise
+    except Exception:
+        return {}, None
+    default = list(cfg.get("input_size") or (3, 224, 224))
+    capped = [default[0], *[min(s, max_size) for s in default[1:]]]
+    plans = [({}, default)]
+    if capped != default:
+        plans = [({"img_size": tuple(capped[1:])}, capped), ({}, capped), ({}, default)]
+    for kwargs, size in plans:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **kwargs).eval()
+                with torch.no_grad():
+                    model(torch.empty(2, *size))
+            return kwargs, size
+        except _Timeout:
+            raise
+        except Exception:
+            continue
+    return {}, None
 
 
 def _pick_input(model, meta, max_size: int):
@@ -306,12 +442,22 @@ def main() -> None:
     p.add_argument("--out", default="coverage.jsonl", help="JSON-lines results (appended; resumable)")
     p.add_argument("--filter", action="append", default=[], help="fnmatch pattern on model names; repeatable")
     p.add_argument("--limit", type=int, default=0, help="sweep at most this many new models")
+    p.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                   help="sweep in a seeded random order, so a partial sweep is a fair sample")
     p.add_argument("--chunk", type=int, default=40, help="models per worker process")
     p.add_argument("--timeout", type=int, default=120, help="seconds per model")
     p.add_argument("--max-size", type=int, default=64, help="cap on the spatial input size")
     p.add_argument("--max-params", type=float, default=600e6,
                    help="skip (as too-large) models above this many parameters")
+    p.add_argument("--retry-timeouts", action="store_true",
+                   help="sweep again the models that timed out or crashed")
     p.add_argument("--report", action="store_true", help="only print the table summary of --out")
+    p.add_argument("--markdown", type=Path, metavar="PATH",
+                   help="with --report: write the coverage document (docs/coverage.md)")
+    p.add_argument("--notes", type=Path, metavar="FILE",
+                   help="with --markdown: a Markdown file of notes to include")
+    p.add_argument("--command", default=None,
+                   help="with --markdown: the sweep command to quote in the document")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--models", help=argparse.SUPPRESS)
     p.add_argument("--progress", help=argparse.SUPPRESS)
@@ -320,6 +466,10 @@ def main() -> None:
         worker(args)
     elif args.report:
         print_report(Path(args.out), list_timm_models(args.filter) if args.filter else None)
+        if args.markdown:
+            command = args.command or f"HF_HUB_OFFLINE=1 .venv/bin/python scripts/coverage.py --out {args.out}"
+            notes = args.notes.read_text() if args.notes else ""
+            write_markdown(args.markdown, Path(args.out), len(list_timm_models([])), command, notes)
     else:
         sweep(args)
 

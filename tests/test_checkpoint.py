@@ -62,7 +62,8 @@ def test_metadata_describes_the_model(tmp_path):
     assert len(doc["gated"]) == 20 and doc["gated"][0] == "conv1"
     assert [e["action"] for e in doc["history"]] == ["open", "inject"]
     assert doc["history"][1]["max_abs_diff"] == 0.0 and "time" in doc["history"][1]
-    assert doc["data"]["input_size"] == [3, 224, 224]
+    assert doc["data"]["input_size"] == [3, 32, 32]  # --input-size is recorded for later commands
+    assert doc["data"]["mean"] == [0.485, 0.456, 0.406]  # from timm's pretrained config
     assert gct_surgery.load(tmp_path / "m.safetensors").get_classifier().out_features == 7
 
 

@@ -18,7 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -29,9 +29,8 @@ def _root() -> None:
     in stages, and export the result."""
 
 
-# Command modules register themselves on ``app`` when imported.
-from . import inject as _inject  # noqa: E402,F401
-from . import _optional  # noqa: E402,F401  (finetune, eval, export, inspect, demo)
+# Command modules register themselves on ``app`` when imported, in help order.
+from . import inject, finetune, eval, export, inspect, demo  # noqa: E402,F401
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,234 @@
+"""The paper's gate analysis: what the learned gates do, layer by layer.
+
+For each gate (in module order, which is depth order for a feed-forward CNN):
+statistics of alpha, gamma and beta, and the share of channels with gamma > 0
+(competition: a channel whose embedding is above average gets a larger gate) and
+gamma < 0 (cooperation: it gets a smaller one, evening the channels out). With
+images, the gate values the model actually produces, per layer.
+
+Gate values are read off the gate's own input and output (y = x * gate, with one
+gate value per sample and channel), so the analysis needs no copy of the gate formula.
+See docs/inspect.md for how to read the table and the plot.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DataError
+from .surgery import gates
+
+PARAMS = ("alpha", "gamma", "beta")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class GateRow:
+    """One gated layer."""
+
+    depth: int
+    module: str
+    channels: int
+    stats: dict[str, dict[str, float]]  # param -> mean/std/min/max
+    competition: float  # share of channels with gamma > 0
+    cooperation: float  # share of channels with gamma < 0
+    values: dict[str, float] | None = None  # gate values over images: mean/std/min/quantiles/max
+
+    def to_dict(self) -> dict:
+        d = {"depth": self.depth, "module": self.module, "channels": self.channels}
+        for p in PARAMS:
+            for k, v in self.stats[p].items():
+                d[f"{p}_{k}"] = v
+        d["competition"] = self.competition
+        d["cooperation"] = self.cooperation
+        if self.values is not None:
+            d.update({f"gate_{k}": v for k, v in self.values.items()})
+        return d
+
+
+@dataclass
+class GateAnalysis:
+    rows: list[GateRow]
+    images: int = 0
+    samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # module -> gate values
+    gammas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # module -> gamma
+
+    def to_dict(self) -> dict:
+        return {"gates": len(self.rows), "images": self.images,
+                "rows": [r.to_dict() for r in self.rows]}
+
+
+def _describe(t: torch.Tensor) -> dict[str, float]:
+    t = t.detach().double().reshape(-1)
+    return {"mean": t.mean().item(), "std": t.std(unbiased=False).item(),
+            "min": t.min().item(), "max": t.max().item()}
+
+
+def gate_rows(model: nn.Module) -> list[GateRow]:
+    """Parameter statistics for every gate, in depth order."""
+    rows = []
+    for depth, (name, gate) in enumerate(gates(model).items()):
+        gamma = gate.gamma.detach().reshape(-1)
+        rows.append(GateRow(
+            depth=depth, module=name, channels=gamma.numel(),
+            stats={p: _describe(getattr(gate, p)) for p in PARAMS},
+            competition=(gamma > 0).double().mean().item(),
+            cooperation=(gamma < 0).double().mean().item(),
+        ))
+    return rows
+
+
+@torch.no_grad()
+def gate_values(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gate value of every (sample, channel) at every gate, for one batch.
+
+    Since y = x * g with g constant over space, g = <x, y> / <x, x> per sample and
+    channel; a channel whose input is all zero has no defined gate and is dropped.
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            x, y = inputs[0].double(), output.double()
+            dims = tuple(range(2, x.dim()))
+            xx = (x * x).sum(dims)
+            g = (x * y).sum(dims) / xx
+            found[name] = torch.cat([found.get(name, torch.empty(0, dtype=torch.float64)), g[xx > 0]])
+        return record
+
+    handles = [g.register_forward_hook(hook(n)) for n, g in gates(model).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(batch)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    if not values.numel():
+        return {}
+    d = _describe(values)
+    qs = torch.quantile(values.float(), torch.tensor(QUANTILES))
+    d.update({f"p{int(q * 100):02d}": v.item() for q, v in zip(QUANTILES, qs)})
+    return d
+
+
+def load_images(folder: str | os.PathLike, data_config: dict, limit: int = 32) -> torch.Tensor:
+    """Up to ``limit`` images from ``folder`` (searched recursively), transformed as the
+    model expects (timm's eval transform for its data config)."""
+    from timm.data import create_transform
+    from timm.data.dataset import ImageDataset
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"no such data folder: {folder}")
+    input_size = tuple(data_config.get("input_size") or (3, 224, 224))
+    keys = ("interpolation", "mean", "std", "crop_pct", "crop_mode")
+    transform = create_transform(input_size=input_size, is_training=False,
+                                 **{k: (tuple(v) if isinstance(v, list) else v)
+                                    for k, v in data_config.items() if k in keys})
+    try:
+        dataset = ImageDataset(str(folder), input_img_mode="L" if input_size[0] == 1 else "RGB",
+                               transform=transform)
+    except Exception as e:  # timm's reader raises on empty/odd folders
+        raise DataError(f"cannot read images from {folder}: {str(e).splitlines()[0][:200]}") from None
+    if len(dataset) == 0:
+        raise DataError(f"no images found in {folder}")
+    images = []
+    for i in range(min(limit, len(dataset))):
+        try:
+            images.append(dataset[i][0])
+        except Exception as e:  # PIL raises many types on a bad file
+            raise DataError(f"cannot read image {dataset.filename(i)} in {folder}: "
+                            f"{type(e).__name__}") from None
+    return torch.stack(images)
+
+
+def analyse(model: nn.Module, images: torch.Tensor | None = None) -> GateAnalysis:
+    """Gate statistics, and gate values over ``images`` when given."""
+    rows = gate_rows(model)
+    analysis = GateAnalysis(rows, gammas={n: g.gamma.detach().reshape(-1).clone()
+                                          for n, g in gates(model).items()})
+    if images is not None:
+        analysis.samples = gate_values(model, images)
+        analysis.images = int(images.shape[0])
+        for row in rows:
+            row.values = _summary(analysis.samples.get(row.module, torch.empty(0)))
+    return analysis
+
+
+def inspect_checkpoint(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = None,
+                       limit: int = 32, allow_pickle: bool = False) -> GateAnalysis:
+    """Load a checkpoint and analyse its gates (over images from ``data`` if given)."""
+    from .checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    images = load_images(data, loaded.meta.data, limit) if data is not None else None
+    return analyse(loaded.model, images)
+
+
+def plot(analysis: GateAnalysis, path: str | os.PathLike) -> Path:
+    """One PNG: gate statistics against depth (top), gate distributions per layer (bottom).
+
+    Without images the bottom panel shows the distribution of gamma per layer.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    rows = analysis.rows
+    depth = [r.depth for r in rows]
+    fig, (top, share, bottom) = plt.subplots(3, 1, figsize=(max(8, 0.25 * len(rows) + 4), 11),
+                                             sharex=False)
+    for p, colour in zip(PARAMS, ("tab:green", "tab:blue", "tab:orange")):
+        mean = [r.stats[p]["mean"] for r in rows]
+        std = [r.stats[p]["std"] for r in rows]
+        top.plot(depth, mean, marker=".", color=colour, label=f"{p} mean")
+        top.fill_between(depth, [m - s for m, s in zip(mean, std)],
+                         [m + s for m, s in zip(mean, std)], color=colour, alpha=0.15)
+    top.axhline(0, color="grey", lw=0.5)
+    top.set_ylabel("parameter (mean ± std)")
+    top.set_title("GCT gate parameters against depth")
+    top.legend(loc="best", fontsize="small")
+
+    share.bar(depth, [r.competition for r in rows], color="tab:red", label="gamma > 0 (competition)")
+    share.bar(depth, [-r.cooperation for r in rows], color="tab:blue", label="gamma < 0 (cooperation)")
+    share.axhline(0, color="grey", lw=0.5)
+    share.set_ylim(-1.05, 1.05)
+    share.set_ylabel("share of channels")
+    share.legend(loc="best", fontsize="small")
+
+    if analysis.samples:
+        data = [analysis.samples.get(r.module, torch.zeros(1)).float().numpy() for r in rows]
+        label, title = "gate value", f"gate values over {analysis.images} images, per layer"
+        bottom.axhline(1, color="grey", lw=0.5)
+    else:
+        data = [analysis.gammas.get(r.module, torch.zeros(1)).float().numpy() for r in rows]
+        label, title = "gamma", "gamma per layer (pass --data for gate values)"
+        bottom.axhline(0, color="grey", lw=0.5)
+    bottom.boxplot(data, positions=depth, widths=0.6, showfliers=False)
+    bottom.set_ylabel(label)
+    bottom.set_title(title)
+    for ax in (top, share, bottom):
+        ax.set_xlabel("gate depth index")
+    if len(rows) > 30:
+        step = max(1, len(rows) // 20)
+        bottom.set_xticks(depth[::step], [str(d) for d in depth[::step]])
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,224 @@
+"""``gct-surgery finetune``: staged fine-tuning (gates, then everything) of a checkpoint."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from ._output import info, is_human, print_json, print_table, warn
+
+
+class StageKind(str, Enum):
+    gates = "gates"
+    full = "full"
+
+
+class Amp(str, Enum):
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.command()
+def finetune(
+    checkpoint: Optional[Path] = typer.Argument(None, help="A gct-surgery checkpoint (from `inject`). Not needed with --resume.", show_default=False),
+    data: Optional[Path] = typer.Option(None, help="Image folder: DATA/train/<class>/* and DATA/val/<class>/* (or validation)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: last/best.safetensors, metrics.csv, metrics.png, state.pt."),
+    stage: Optional[StageKind] = typer.Option(None, help="Run one stage of the default recipe: gates (only gates train) or full (everything)."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe file (.toml/.yaml) with several stages. Default: gates, then full."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its folder."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of every stage (overrides the recipe)."),
+    lr: Optional[float] = typer.Option(None, help="Gate learning rate of every stage (the base gets 0.1x unless --base-lr)."),
+    base_lr: Optional[float] = typer.Option(None, help="Learning rate of the base weights in full stages."),
+    batch_size: int = typer.Option(32, help="Global batch size (split among torchrun processes)."),
+    workers: int = typer.Option(2, help="Data loader worker processes."),
+    seed: int = typer.Option(0, help="Seed for data order, augmentation and a new head."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    amp: Amp = typer.Option(Amp.off, help="Mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA)."),
+    num_classes: Optional[int] = typer.Option(None, help="Replace the classifier head for this many classes (it then trains in the gates stage too)."),
+    img_size: Optional[int] = typer.Option(None, help="Train and evaluate at this square input size instead of the checkpoint's."),
+    no_aug: bool = typer.Option(False, "--no-aug", help="No train augmentation: resize and center crop only."),
+    train_head: bool = typer.Option(False, "--train-head", help="Gates stages also train the classifier head."),
+    train_bn: bool = typer.Option(False, "--train-bn", help="Gates stages also train BatchNorm weight and bias (statistics stay frozen)."),
+    ema: bool = typer.Option(False, "--ema", help="Keep a ModelEmaV3 average; validation and best.safetensors use it."),
+    save_every: int = typer.Option(0, help="Also save a resumable state every N steps (0: after each epoch)."),
+    task: Optional[str] = typer.Option(None, help="module:object or file.py:object giving datasets, loss and metrics for a model that is not a classifier."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also fine-tune the model without gates, same budget, and compare."),
+    metrics_format: str = typer.Option("csv", help="csv or jsonl."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it."),
+    skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume)."),
+    fast_frozen: bool = typer.Option(True, "--fast-frozen/--no-fast-frozen", help="Gates stages: run the frozen base the cheap way (convs save nothing for backward, frozen BN folded into its conv). Same results up to float rounding."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable result."),
+) -> None:
+    """Fine-tune a gated checkpoint in stages: gates first, everything else frozen, then everything.
+
+    Runs under `torchrun --nproc-per-node N gct-surgery finetune ...` too."""
+    from .. import distributed
+
+    if resume is None:
+        if checkpoint is None:
+            raise typer.BadParameter("give a CHECKPOINT, or --resume RUN_DIR", param_hint="CHECKPOINT")
+        if data is None:
+            raise typer.BadParameter("give the image folder", param_hint="--data")
+        if out is None:
+            raise typer.BadParameter("give the run folder", param_hint="--out")
+        if stage is not None and recipe is not None:
+            raise typer.BadParameter("give --stage or --recipe, not both", param_hint="--stage")
+    elif baseline:
+        raise typer.BadParameter("--baseline runs with a new run, not with --resume", param_hint="--baseline")
+    from ..recipe import default_recipe, load_recipe
+    from ..train import (Interrupted, TrainConfig, comparison, finetune as run_finetune,
+                         finetune_baseline, resume as run_resume)
+
+    reporter = Reporter(quiet=json_out)
+    try:
+        if resume is not None:
+            result = run_resume(resume, on_event=reporter, data=str(data) if data else None,
+                                strict=True if strict else None, skip_nonfinite=skip_nonfinite)
+            chosen, config = None, None
+        else:
+            chosen = load_recipe(recipe) if recipe is not None else default_recipe()
+            if stage is not None:
+                chosen = chosen.only(stage.value)
+            chosen = chosen.override(epochs=epochs, lr=lr, base_lr=base_lr,
+                                     train_head=True if train_head else None,
+                                     train_bn=True if train_bn else None)
+            config = TrainConfig(data=str(data), out=str(out), batch_size=batch_size, workers=workers,
+                                 seed=seed, device=device, amp=amp.value, num_classes=num_classes,
+                                 img_size=img_size, augment=not no_aug, ema=ema,
+                                 save_every=save_every, task=task, metrics_format=metrics_format,
+                                 strict=strict, skip_nonfinite=skip_nonfinite or 0,
+                                 fast_frozen=fast_frozen)
+            result = run_finetune(checkpoint, chosen, config, on_event=reporter)
+        base = None
+        if baseline:
+            reporter.title = "baseline: "
+            base = finetune_baseline(checkpoint, chosen, config, on_event=reporter)
+        reporter.close()
+    except Interrupted as e:  # the state is on disk; the Reporter said how to resume
+        if json_out and _rank() == 0:
+            print_json({"interrupted": True, "signal": e.signum, "run_dir": str(resume or out)})
+        raise typer.Exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM
+    finally:
+        reporter.close()
+        distributed.cleanup()
+
+    if _rank() != 0:  # under torchrun only rank 0 prints
+        return
+    from ..task import load_task
+
+    names = load_task(task).metric_names if resume is None else tuple(
+        k for k in (result.best or {}) if k not in ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds", "images_per_s"))
+    if json_out:
+        doc = result.to_dict()
+        if base is not None:
+            doc = {"gct": doc, "baseline": base.to_dict(), "comparison": comparison(result, base, names)}
+        print_json(doc)
+        return
+    from ..data import report_lines
+
+    for r in (result, base):
+        for line in report_lines(r.data) if r is not None else ():
+            warn(f"{'baseline: ' if r is base else ''}{line}")
+        if r is not None and r.nonfinite_skipped:
+            warn(f"{r.nonfinite_skipped} batch(es) with a non-finite loss were skipped (--skip-nonfinite)")
+    best = result.best or {}
+    info(f"done in {result.seconds:.1f} s: best {', '.join(f'{k} {best[k]:.4g}' for k in ('val_loss', *names) if k in best)} "
+         f"(epoch {best.get('epoch')}, stage {best.get('stage')}); written to {result.run_dir}")
+    if base is not None:
+        rows = comparison(result, base, names)
+        print_table("GCT vs baseline (same data, seed and epochs)", ["", "gct", "baseline", "difference"],
+                    [[r["what"], _num(r["gct"]), _num(r["baseline"]), _num(r["difference"])] for r in rows])
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _num(v):
+    return "-" if v is None else v
+
+
+class Reporter:
+    """Turns training events into rich progress bars (ETA, images/s) on a terminal and
+    plain lines elsewhere; silent with --json."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.title = ""
+        self.progress = None
+        self.task_id = None
+        self.stage = None
+        self.bad_seen = 0
+
+    def __call__(self, event: str, payload: dict) -> None:
+        if self.quiet:
+            return
+        getattr(self, f"on_{event}", lambda p: None)(payload)
+
+    def on_stage_start(self, p: dict) -> None:
+        self.stage = p
+        info(f"{self.title}stage {p['stage']} ({p['kind']}): {p['epochs']} epochs x "
+             f"{p['steps_per_epoch']} steps, {p['trainable']:,} trainable parameters")
+        if is_human():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            if self.progress is None:
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                                         TimeRemainingColumn())
+                self.progress.start()
+            total = p["epochs"] * p["steps_per_epoch"]
+            done = p["epoch"] * p["steps_per_epoch"] + p["step"]
+            self.task_id = self.progress.add_task(f"{p['stage']}", total=total, completed=done, speed="")
+
+    def on_step(self, p: dict) -> None:
+        if self.progress is not None and self.task_id is not None:
+            t = self.progress.tasks[self.task_id]
+            speed = f"{t.speed * p['images']:.0f} img/s" if t.speed else ""
+            self.progress.update(self.task_id, advance=1, speed=f"loss {p['loss']:.3f} {speed}")
+
+    def on_epoch_end(self, p: dict) -> None:
+        r = p["row"]
+        metrics = " ".join(f"{k} {v:.4g}" for k, v in r.items()
+                           if k not in ("epoch", "stage", "seconds", "images_per_s") and isinstance(v, float))
+        line = (f"{self.title}epoch {r['epoch']} ({r['stage']}): {metrics}, {r['seconds']:.1f} s, "
+                f"{r['images_per_s']} img/s{' *best*' if p['improved'] else ''}")
+        if self.progress is not None:
+            self.progress.console.print(line, highlight=False)
+        else:
+            info(line)
+
+    def on_resumed(self, p: dict) -> None:
+        info(f"{self.title}resumed at stage {p['stage_index'] + 1}, epoch {p['epoch'] + 1}, step {p['step']}")
+
+    def on_interrupted(self, p: dict) -> None:
+        self.close()
+        warn(f"{p.get('signal', 'SIGINT')}: stopped at stage {p['stage']}, epoch {p['epoch'] + 1}, "
+             f"step {p['step']}; state saved. Continue with: gct-surgery finetune --resume {p['run_dir']}")
+
+    def on_bad_file(self, p: dict) -> None:
+        self.bad_seen += 1
+        if self.bad_seen <= 5:  # the rest are counted in the report at the end
+            self._warn(f"skipped unreadable image {p['path']}: {p['reason']}")
+
+    def on_nonfinite_skipped(self, p: dict) -> None:
+        self._warn(f"non-finite loss ({p['loss']}) at stage {p['stage']}, epoch {p['epoch'] + 1}, "
+                   f"step {p['step']}: batch skipped ({p['skipped']} of {p['allowed']} allowed)")
+
+    def _warn(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        else:
+            warn(message)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,212 @@
+"""Stages as data: what trains, whether BatchNorm statistics are frozen, and the
+optimizer settings of each parameter group.
+
+Two kinds of stage, after the protocol practitioners use on pretrained models:
+
+``gates``
+    Only the gate parameters train; every other tensor, BatchNorm running
+    statistics included, stays bit-identical. BN is kept in eval mode even though
+    ``model.train()`` runs each epoch (``requires_grad=False`` alone does not stop
+    running statistics from drifting). Options: train the classifier head (needed
+    when it was replaced for a new class count) and the BN affine parameters.
+``full``
+    Everything trains; the base at a lower learning rate than the gates.
+
+Weight decay: gate ``beta`` never decays (the official code: "not to apply weight
+decay on the gating bias"); ``alpha`` and ``gamma`` use ``gate_weight_decay``. Gate
+parameters are found by module type (``GCT``), not by name. timm's optimizer factory
+would decay them: it exempts only parameters with one dimension or fewer, and gate
+tensors are shaped (1, C, 1, 1). So the groups are built here and handed to
+``create_optimizer_v2`` through its ``param_group_fn``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .gate import GCT
+
+STAGE_KINDS = ("gates", "full")
+DEFAULT_BASE_LR_SCALE = 0.1  # full stage: base lr = gate lr x this, unless base_lr is set
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a recipe. Learning rates are for the global batch."""
+
+    name: str
+    kind: str
+    epochs: int = 1
+    lr: float = 1e-3                  # gates (and, in a gates stage, the head)
+    base_lr: float | None = None      # full stage: the base; None = lr x 0.1
+    weight_decay: float = 0.01        # base weights with more than one dim
+    gate_weight_decay: float = 0.01   # gate alpha and gamma; beta never decays
+    train_head: bool = False          # gates stage: the classifier head trains too
+    train_bn: bool = False            # gates stage: BN affine (weight, bias) train too
+    freeze_bn: bool | None = None     # BN running stats frozen; None = True for gates
+    opt: str = "adamw"                # any timm optimizer name
+    sched: str = "cosine"             # any timm scheduler name
+    warmup: float = 0.1               # fraction of the stage's steps spent warming up
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise UserError(f"stage {self.name!r}: unknown kind {self.kind!r}; "
+                            f"choose one of {', '.join(STAGE_KINDS)}")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise UserError(f"stage {self.name!r}: epochs must be a whole number >= 1, got {self.epochs!r}")
+        for key in ("lr", "weight_decay", "gate_weight_decay", "min_lr"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
+        if self.base_lr is not None and (not isinstance(self.base_lr, (int, float)) or self.base_lr < 0):
+            raise UserError(f"stage {self.name!r}: base_lr must be a number >= 0, got {self.base_lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"stage {self.name!r}: warmup is a fraction of the stage, "
+                            f"0 <= warmup < 1, got {self.warmup!r}")
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self.kind == "gates" if self.freeze_bn is None else self.freeze_bn
+
+    @property
+    def effective_base_lr(self) -> float:
+        return self.lr * DEFAULT_BASE_LR_SCALE if self.base_lr is None else self.base_lr
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base_lr"] = self.effective_base_lr
+        d["freeze_bn"] = self.bn_frozen
+        return d
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+# --- which parameters are which -----------------------------------------------------
+
+def gate_modules(model: nn.Module) -> list[GCT]:
+    return [m for m in model.modules() if isinstance(m, GCT)]
+
+
+def gate_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(betas, alphas_and_gammas)`` of every gate, found by module type."""
+    betas, others = [], []
+    for g in gate_modules(model):
+        betas.append(g.beta)
+        others += [g.alpha, g.gamma]
+    return betas, others
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The head's module name: timm's ``get_classifier()``, else the last Linear."""
+    from .sources import _classifier_prefix
+
+    return _classifier_prefix(model)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    name = classifier_name(model)
+    return list(model.get_submodule(name).parameters()) if name else []
+
+
+def bn_modules(model: nn.Module) -> list[nn.Module]:
+    """Norm layers with running statistics (BatchNorm 1/2/3d, timm's BatchNormAct2d...)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """A new classifier for ``num_classes``: timm's ``reset_classifier`` when the model
+    has one, else the last Linear replaced by a fresh one."""
+    if callable(getattr(model, "reset_classifier", None)):
+        model.reset_classifier(num_classes)
+        return
+    name = classifier_name(model)
+    if name is None:
+        raise UserError("--num-classes: the model has no classifier head to replace (no Linear layer)")
+    old = model.get_submodule(name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
+                                    device=old.weight.device, dtype=old.weight.dtype))
+
+
+# --- freezing ---------------------------------------------------------------------
+
+def freeze_for_stage(model: nn.Module, stage: Stage) -> int:
+    """Set ``requires_grad`` for the stage and return how many parameters train."""
+    if stage.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        betas, others = gate_parameters(model)
+        trainable = {id(p) for p in betas + others}
+        if stage.train_head:
+            trainable |= {id(p) for p in head_parameters(model)}
+        if stage.train_bn:
+            trainable |= {id(p) for m in bn_modules(model) for p in m.parameters(recurse=False)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise UserError(f"stage {stage.name!r} has nothing to train: the model has no gates "
+                        "(train_head or a 'full' stage would give it something)")
+    return n
+
+
+def set_train_mode(model: nn.Module, stage: Stage) -> None:
+    """``model.train()``, then BN back to eval when the stage freezes its statistics."""
+    model.train()
+    if stage.bn_frozen:
+        for m in bn_modules(model):
+            m.eval()
+
+
+# --- optimizer groups -------------------------------------------------------------
+
+def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
+    """Named parameter groups with their own lr and weight decay (trainable only).
+
+    ``gate_beta`` always has weight decay 0. Base parameters with one dimension or
+    fewer (biases, norm affine) get no decay either, as timm does.
+    """
+    betas, others = gate_parameters(model)
+    gate_ids = {id(p) for p in betas + others}
+    head_ids = {id(p) for p in head_parameters(model)}
+    base_lr = stage.lr if stage.kind == "gates" else stage.effective_base_lr
+    groups: dict[str, dict] = {
+        "gate_beta": dict(params=list(betas), lr=stage.lr, weight_decay=0.0),
+        "gate_alpha_gamma": dict(params=list(others), lr=stage.lr, weight_decay=stage.gate_weight_decay),
+        "head_decay": dict(params=[], lr=stage.lr, weight_decay=stage.weight_decay),
+        "head_no_decay": dict(params=[], lr=stage.lr, weight_decay=0.0),
+        "base_decay": dict(params=[], lr=base_lr, weight_decay=stage.weight_decay),
+        "base_no_decay": dict(params=[], lr=base_lr, weight_decay=0.0),
+    }
+    for p in model.parameters():
+        if id(p) in gate_ids:
+            continue
+        # In a gates stage the head (when it trains) is new or adapting: the gate lr.
+        prefix = "head" if stage.kind == "gates" and id(p) in head_ids else "base"
+        groups[f"{prefix}_{'decay' if p.ndim > 1 else 'no_decay'}"]["params"].append(p)
+    out = []
+    for name, g in groups.items():
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+        if g["params"]:
+            out.append({"name": name, **g})
+    return out
+
+
+def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
+    """A fresh optimizer for the stage (never reused: stale groups miss parameters)."""
+    from timm.optim import create_optimizer_v2
+
+    try:
+        return create_optimizer_v2(model, opt=stage.opt, lr=stage.lr,
+                                   weight_decay=stage.weight_decay,
+                                   param_group_fn=lambda m: param_groups(m, stage))
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"stage {stage.name!r}: optimizer {stage.opt!r}: {e}") from None

@@ -1,0 +1,126 @@
+"""What a training task provides, so that one loop serves any model.
+
+The loop in ``train.py`` knows nothing about classification: it asks a ``Task`` for
+the datasets, the loss and the metrics. ``ClassificationTask`` is the built-in one.
+Another kind of model (U^2-Net for saliency, a segmenter, a detector) passes
+``--task module:object`` (or ``path/to/file.py:object``) naming a class, a factory or
+an instance that has these members::
+
+    class MyTask:
+        metric_names = ("mae",)          # columns of metrics.csv
+        primary_metric = "mae"           # best.safetensors is chosen by it
+        higher_is_better = False
+
+        def datasets(self, data_dir, data_config, *, augment):
+            return train_dataset, val_dataset     # items are (input, target)
+
+        def loss(self, output, target):           # a scalar tensor
+            ...
+
+        def metric_sums(self, output, target):    # {name: sum over the batch}
+            ...
+
+``metric_sums`` returns *sums* over the batch, not means: the loop adds them over
+batches and ranks and divides by the sample count, so the numbers are exact under
+torchrun. Optional: ``check_model(model)`` (raise a ``UserError`` when the model does
+not fit the data), ``class_names`` (stored in the checkpoint), ``batch_size(target)``
+(samples in a batch; default ``len(target)``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import UserError
+
+
+class TaskError(UserError):
+    """A ``--task`` cannot be imported or lacks a required member."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    metric_names: tuple[str, ...]
+    primary_metric: str
+    higher_is_better: bool
+
+    def datasets(self, data_dir: Path, data_config: dict, *, augment: bool) -> tuple[Dataset, Dataset]: ...
+
+    def loss(self, output: Any, target: Any) -> torch.Tensor: ...
+
+    def metric_sums(self, output: Any, target: Any) -> dict[str, float]: ...
+
+
+class ClassificationTask:
+    """Image classification on an image folder: cross-entropy, top-1 and top-5 (%)."""
+
+    metric_names = ("top1", "top5")
+    primary_metric = "top1"
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        self.class_names: list[str] | None = None
+        self._loss = nn.CrossEntropyLoss()
+
+    def datasets(self, data_dir: Path, data_config: dict, *, augment: bool) -> tuple[Dataset, Dataset]:
+        from .data import create_transform, open_split
+
+        train = open_split(data_dir, "train", transform=create_transform(data_config, training=True, augment=augment))
+        val = open_split(data_dir, "val", transform=create_transform(data_config, training=False),
+                         class_to_idx=train.class_to_idx)
+        self.class_names = train.classes
+        return train, val
+
+    def check_model(self, model: nn.Module) -> None:
+        from .stages import classifier_name
+
+        n_out = model_num_classes(model)
+        if self.class_names is not None and n_out is not None and n_out != len(self.class_names):
+            raise UserError(f"the data has {len(self.class_names)} classes and the model's head "
+                            f"{n_out} (layer {classifier_name(model)!r}); pass --num-classes "
+                            f"{len(self.class_names)} to replace the head")
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss(output.float(), target)
+
+    def metric_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        from timm.utils import accuracy
+
+        top1, top5 = accuracy(output.float(), target, topk=(1, 5))  # percent of the batch
+        n = target.size(0)
+        return {"top1": top1.item() * n, "top5": top5.item() * n}
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    from .stages import classifier_name
+
+    name = classifier_name(model)
+    head = model.get_submodule(name) if name else None
+    return getattr(head, "out_features", None)
+
+
+def load_task(spec: str | None) -> Task:
+    """The task a ``--task`` string names; None is image classification."""
+    if spec is None or spec == "classification":
+        return ClassificationTask()
+    ref, sep, attr = spec.rpartition(":")
+    if not sep or not ref or not attr:
+        raise TaskError(f"--task {spec!r}: write module:object or path/to/file.py:object")
+    from .sources import import_object
+
+    obj = import_object(spec, what="--task", error=TaskError)
+    task = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "datasets")) else obj
+    missing = [m for m in ("metric_names", "primary_metric", "higher_is_better", "datasets",
+                           "loss", "metric_sums") if not hasattr(task, m)]
+    if missing:
+        raise TaskError(f"--task {spec}: the task lacks {', '.join(missing)} (see gct_surgery.task)")
+    if task.primary_metric not in task.metric_names:
+        raise TaskError(f"--task {spec}: primary_metric {task.primary_metric!r} is not in metric_names")
+    return task

@@ -1,0 +1,313 @@
+"""Broken image data: real folders holding truncated, empty, non-image, unreadable and
+odd-mode files. Bad files are skipped and counted (also from DataLoader worker
+processes), ``--strict`` stops at the first one naming it, labels follow class folder
+names even when a folder is empty, and every image mode becomes the right RGB.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gct_surgery.cli import run as cli_run
+from gct_surgery.data import (DataReport, make_loader, open_split, read_image, report_lines,
+                              to_rgb)
+from gct_surgery.errors import DataError
+
+from test_finetune import make_checkpoint
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+ROOT_REASON = ("running as root, which ignores file permissions, and unable to drop to "
+               "another user: the broken symlink, the pipe and the zero-byte file stand in")
+CLASSES = ["a_good", "b_modes", "c_empty", "d_last"]
+
+
+def good_png(path: Path, seed: int, size: int = 20) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def encoded(fmt: str, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def odd_modes(folder: Path) -> dict[str, tuple]:
+    """One image of each unusual mode, and the RGB value its pixel (0, 0) must become."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), 90).save(folder / "grey.png")
+    Image.new("1", (8, 8), 1).save(folder / "bilevel.png")
+    Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(folder / "rgba_half.png")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(folder / "rgba_clear.png")  # hidden colour black
+    Image.new("LA", (8, 8), (0, 0)).save(folder / "la_clear.png")
+    palette = [10, 20, 30, 200, 100, 50] + [0] * 762
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette(palette)
+    p.save(folder / "palette.png")
+    p.save(folder / "palette_clear.png", transparency=1)  # index 1 is transparent
+    Image.new("CMYK", (8, 8), (0, 0, 0, 128)).save(folder / "cmyk_grey.jpg", quality=100)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(folder / "cmyk_red.jpg", quality=100)
+    sixteen = np.full((8, 8), 32896, np.uint16)  # 0x8080: 128 on 8 bits
+    sixteen[0, 0] = 1000                           # 3.9 -> 4 (PIL's convert clips it to 255)
+    Image.fromarray(sixteen).save(folder / "sixteen.png")
+    return {
+        "grey.png": (90, 90, 90), "bilevel.png": (255, 255, 255),
+        "rgba_half.png": (255, 127, 127),          # red at 50% over white
+        "rgba_clear.png": (255, 255, 255), "la_clear.png": (255, 255, 255),
+        "palette.png": (200, 100, 50), "palette_clear.png": (255, 255, 255),
+        "cmyk_grey.jpg": (127, 127, 127), "cmyk_red.jpg": (255, 0, 0),
+        "sixteen.png": (4, 4, 4),
+    }
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> dict:
+    """DATA/{train,val}/<class>/ with every kind of trouble a scraped folder holds."""
+    root = tmp_path_factory.mktemp("messy") / "data"
+    a = root / "train" / "a_good"
+    a.mkdir(parents=True)
+    for i in range(4):
+        good_png(a / f"ok{i}.png", i)
+    (a / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (a / "notes.txt").write_text("scraped from somewhere\n")
+    (a / "._ok0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS resource fork
+    (a / "empty.png").write_bytes(b"")
+    (a / "cut.jpg").write_bytes(encoded("jpeg")[:600])
+    (a / "cut.png").write_bytes(encoded("png")[:1500])
+    (a / "text.jpg").write_text("<html>404 not found</html>")
+    (a / "gone.png").symlink_to(root / "nowhere.png")
+    os.mkfifo(a / "pipe.png")  # opening it would block forever
+    (a / "folder.png").mkdir()  # a folder named like an image: walked, its image counts
+    good_png(a / "folder.png" / "inside.png", 9)
+    expected = odd_modes(root / "train" / "b_modes")
+    (root / "train" / "c_empty").mkdir()
+    d = root / "train" / "d_last"
+    d.mkdir()
+    for i in range(3):
+        good_png(d / f"d{i}.png", 20 + i)
+    for name in ("a_good", "b_modes", "d_last"):
+        (root / "val" / name).mkdir(parents=True)
+        good_png(root / "val" / name / "v.png", 30)
+    (root / "val" / "c_empty").mkdir()
+    (root / "val" / "d_last" / "zero.png").write_bytes(b"")
+    return {"root": root, "modes": expected,
+            "decode_bad": {"empty.png", "cut.jpg", "cut.png", "text.jpg"},
+            "scan_bad": {"gone.png", "pipe.png"}}
+
+
+def tensor_transform(size: int = 16):
+    from gct_surgery.data import create_transform, resolve_data_config
+
+    return create_transform(resolve_data_config({"input_size": [3, size, size]}), training=False)
+
+
+def names(paths) -> set[str]:
+    return {Path(p).name for p in paths}
+
+
+# --- image modes ----------------------------------------------------------------------
+
+def test_every_mode_becomes_the_right_rgb(messy):
+    for name, rgb in messy["modes"].items():
+        img = read_image(messy["root"] / "train" / "b_modes" / name)
+        assert img.mode == "RGB" and img.size == (8, 8), name
+        got = img.getpixel((0, 0))
+        assert max(abs(g - e) for g, e in zip(got, rgb)) <= 2, (name, got, rgb)
+    # The 16-bit image is scaled, not clipped: its 0x8080 pixels become 128 (PIL alone: 255).
+    sixteen = Image.open(messy["root"] / "train" / "b_modes" / "sixteen.png")
+    assert sixteen.mode == "I;16" and sixteen.convert("RGB").getpixel((1, 1)) == (255, 255, 255)
+    assert to_rgb(sixteen).getpixel((1, 1)) == (128, 128, 128)
+
+
+# --- scanning: labels, ignored files, files that cannot be opened ----------------------
+
+def test_labels_follow_folder_names_and_an_empty_class_is_reported(messy, caplog):
+    with caplog.at_level("WARNING"):
+        ds = open_split(messy["root"], "train")
+    assert ds.classes == CLASSES and ds.class_to_idx["d_last"] == 3  # not shifted to 2
+    labels = {Path(p).name: t for p, t in ds.reader.samples}
+    assert labels["d0.png"] == 3 and labels["ok0.png"] == 0 and labels["grey.png"] == 1
+    assert labels["inside.png"] == 0  # below a class folder: that class
+    assert ds.report.empty_classes == ["c_empty"]
+    assert "c_empty holds no images; it keeps label 2" in caplog.text
+    assert names(ds.report.ignored) == {".DS_Store", "notes.txt", "._ok0.png"}
+    assert names(ds.report.bad) == messy["scan_bad"]  # never opened: the pipe would hang
+    assert ds.report.bad[str(messy["root"] / "train" / "a_good" / "gone.png")] == "broken symlink"
+    assert not names(p for p, _ in ds.reader.samples) & (messy["scan_bad"] | {".DS_Store", "notes.txt"})
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_files_are_skipped_and_counted_across_workers(messy, workers, training):
+    ds = open_split(messy["root"], "train", transform=tensor_transform())
+    assert len(ds) % 2 == 0  # batches of 2: a training epoch also visits every index once
+    report = DataReport()
+    loader = make_loader(ds, 2, training=training, workers=workers, report=report)
+    images, labels = 0, []
+    for x, y in loader:
+        assert x.shape[1:] == (3, 16, 16) and torch.isfinite(x).all()
+        assert len(y) == 2 or not training  # training: a bad sample is replaced, not dropped
+        images += len(y)
+        labels += y.tolist()
+    # Training replaces each bad sample by the next readable one; evaluation drops it.
+    assert images == len(ds) - (0 if training else len(messy["decode_bad"]))
+    assert names(report.bad) == messy["decode_bad"]  # counted in the main process
+    bad_at = [Path(p).name in messy["decode_bad"] for p, _ in ds.reader.samples]
+    # Each visit of a bad index passes over the run of bad files from it to the next good one.
+    passes = sum(next(k for k in range(len(bad_at)) if not bad_at[(i + k) % len(bad_at)])
+                 for i in range(len(bad_at)) if bad_at[i])
+    assert report.skipped == (passes if training else len(messy["decode_bad"]))
+    reasons = {Path(p).name: r for p, r in report.bad.items()}
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert reasons["cut.jpg"] == reasons["cut.png"] == "truncated image"
+    assert reasons["text.jpg"] == "not an image PIL can read"
+    assert set(labels) == {0, 1, 3}
+
+
+def test_the_same_bad_file_replaced_the_same_way_every_time(messy):
+    ds = open_split(messy["root"], "train")
+    index = next(i for i, (p, _) in enumerate(ds.reader.samples) if p.endswith("empty.png"))
+    (img1, t1), skipped1 = ds.load(index)
+    (img2, t2), skipped2 = ds.load(index)  # second time from the memo, same answer
+    assert skipped1 == skipped2 and Path(skipped1[0][0]).name == "empty.png"
+    assert t1 == t2 and np.array_equal(np.asarray(img1), np.asarray(img2))
+    replacement = ds.reader.samples[index + len(skipped1)][0]
+    assert np.array_equal(np.asarray(img1), np.asarray(read_image(replacement)))
+
+
+def unreadable_case(root: Path, drop_to: int | None = None) -> None:
+    """A file and a folder without read permission: skipped and named. ``drop_to``: a
+    uid to become first (root ignores permissions), after warming up every import."""
+    cls = root / "train" / "a"
+    cls.mkdir(parents=True)
+    good_png(cls / "ok.png", 0)
+    locked = good_png(cls / "locked.png", 1)
+    sub = cls / "sub"
+    sub.mkdir()
+    good_png(sub / "x.png", 2)
+    tf = tensor_transform()
+    list(make_loader(open_split(root, "train", transform=tf), 2, training=False))  # imports, as root
+    locked.chmod(0)
+    sub.chmod(0)
+    if drop_to is not None:
+        os.setgid(drop_to)
+        os.setuid(drop_to)
+    ds = open_split(root, "train", transform=tf)
+    assert ds.report.bad == {str(sub): "cannot list folder: Permission denied"}
+    report = DataReport()
+    assert sum(len(y) for _, y in make_loader(ds, 2, training=False, report=report)) == 1
+    assert report.bad == {str(locked): "permission denied"}
+
+
+def test_unreadable_file_and_folder_are_skipped(tmp_path):
+    if not IS_ROOT:
+        unreadable_case(tmp_path / "d")
+        return
+    # Root reads everything: run the case in a child process that becomes `nobody`.
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="gct-unreadable-"))  # /tmp, reachable by nobody
+    root.chmod(0o755)
+    script = ("import sys; sys.path[:0] = [sys.argv[1]]; import test_bad_data as t; "
+              "from pathlib import Path; t.unreadable_case(Path(sys.argv[2]) / 'd', drop_to=65534); "
+              "print('checked as uid', __import__('os').getuid())")
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(root)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if "Operation not permitted" in done.stderr and "setuid" in done.stderr:
+        pytest.skip(ROOT_REASON)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "checked as uid 65534" in done.stdout
+
+
+def test_a_split_with_no_readable_image_is_one_clear_error(tmp_path, capsys):
+    ds_root = tmp_path / "d"
+    (ds_root / "val" / "a").mkdir(parents=True)
+    (ds_root / "val" / "a" / "x.png").write_bytes(b"")
+    (ds_root / "val" / "a" / "y.jpg").write_text("no")
+    ds = open_split(ds_root, "val")
+    with pytest.raises(DataError, match=r"no image in .* can be read \(2 tried\)"):
+        list(make_loader(ds, 2, training=False, workers=0))
+
+
+# --- the commands: reports at the end, --strict ------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt4(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "four.safetensors", num_classes=4)
+
+
+def test_finetune_with_workers_survives_and_reports(messy, ckpt4, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", str(ckpt4), "--data", str(messy["root"]), "--out", str(out),
+            "--img-size", "32", "--batch-size", "2", "--workers", "2", "--epochs", "2",
+            "--stage", "gates", "--json"]  # 22 images / 2: every epoch meets every file
+    assert cli_run(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    data = doc["data"]
+    # 2 found by the scan, 4 by the decoder in the workers, 1 in the val split
+    assert data["bad_files"] == 7 and len(data["first_bad"]) == 5
+    assert messy["scan_bad"] <= {Path(b["path"]).name for b in data["first_bad"]}
+    assert data["skipped_samples"] > 7  # met again in the second epoch
+    assert data["ignored_files"] == 3 and data["empty_classes"] == ["c_empty"]
+    assert doc["epochs"] == 2
+    # The count survives a resume: it lives in the train state.
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert json.loads(state["data_report"])["skipped"] == data["skipped_samples"]
+
+
+def test_finetune_prints_the_report_on_stderr(messy, ckpt4, tmp_path, capsys):
+    args = ["finetune", str(ckpt4), "--data", str(messy["root"]), "--out", str(tmp_path / "r"),
+            "--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
+            "--stage", "gates"]
+    assert cli_run(args) == 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long warnings
+    assert "unreadable image file(s) skipped" in err and "gone.png (broken symlink)" in err
+    assert "3 file(s) ignored" in err and "c_empty" in err and "Traceback" not in err
+
+
+def test_strict_stops_at_once_naming_the_file(messy, ckpt4, tmp_path, capsys):
+    args = ["finetune", str(ckpt4), "--data", str(messy["root"]), "--out", str(tmp_path / "r"),
+            "--img-size", "32", "--batch-size", "4", "--workers", "0", "--stage", "gates", "--strict"]
+    assert cli_run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+    assert "gone.png: broken symlink" in err and "--strict" in err
+    assert not (tmp_path / "r" / "state.pt").exists()
+
+
+def test_eval_reports_skipped_files_and_strict_names_a_decode_failure(messy, ckpt4, capsys):
+    base = ["eval", str(ckpt4), "--data", str(messy["root"]), "--workers", "2", "--img-size", "32"]
+    assert cli_run([*base, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["samples"] == 3 and doc["data"]["bad_files"] == 1
+    assert doc["data"]["first_bad"][0]["reason"] == "empty file (0 bytes)"
+    assert [c["images"] for c in doc["per_class"]] == [1, 1, 0, 1]  # c_empty keeps its row
+    assert cli_run(base) == 0
+    assert "1 unreadable image file(s) skipped" in " ".join(capsys.readouterr().err.split())
+    assert cli_run([*base, "--strict"]) == 2  # found only when decoded, in a worker
+    err = capsys.readouterr().err
+    assert "zero.png: empty file (0 bytes)" in err and err.count("\n") == 1
+
+
+def test_report_lines_name_the_first_few():
+    report = DataReport()
+    report.add_skipped([(f"/d/{i}.png", "truncated image") for i in range(8)])
+    (line,) = report_lines(report.to_dict())
+    assert line.startswith("8 unreadable image file(s) skipped (8 time(s) in all")
+    assert "/d/4.png (truncated image)" in line and "/d/5.png" not in line and "and 3 more" in line
+    assert report_lines(DataReport().to_dict()) == []

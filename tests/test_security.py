@@ -1,0 +1,336 @@
+"""Hostile and malformed checkpoints: refused with one clear line, payloads never run.
+
+Every payload here would create a marker file if it ran; each test asserts the marker
+is absent. Header tests write safetensors files by hand, byte by byte.
+"""
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import gct_surgery
+from conftest import cli_path
+from gct_surgery.checkpoint import FORMAT_VERSION, METADATA_KEY, read_header, read_metadata
+from gct_surgery.errors import CheckpointError, UserError
+from gct_surgery.sources import load_state_dict_file
+
+TINY = """\
+import torch.nn as nn
+def build(width=4, num_classes=3):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+"""
+
+
+class Payload:
+    """Unpickling this calls ``fn(*args)``."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def payloads(marker: Path) -> dict[str, object]:
+    code = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": Payload(os.system, (f"touch {marker}",)),
+        "eval": Payload(builtins.eval, (code,)),
+        "exec": Payload(builtins.exec, (code,)),
+        "subprocess": Payload(subprocess.call, (["touch", str(marker)],)),
+        "nested": {"state_dict": {"conv.weight": torch.zeros(1), "x": Payload(os.system, (f"touch {marker}",))}},
+    }
+
+
+def hostile_files(folder: Path) -> list[Path]:
+    """Each payload as a plain pickle (.pt/.pth/.bin) and inside a torch zip checkpoint."""
+    marker = folder / "MARKER"
+    files = []
+    for i, (name, obj) in enumerate(payloads(marker).items()):
+        ext = (".pt", ".pth", ".bin")[i % 3]
+        plain = folder / f"{name}-plain{ext}"
+        plain.write_bytes(pickle.dumps(obj, protocol=2))
+        zipped = folder / f"{name}-zip.pt"
+        torch.save({"model": obj, "epoch": 3}, zipped)
+        files += [plain, zipped]
+    return files
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    files = hostile_files(folder)
+    assert not (folder / "MARKER").exists()  # building them ran nothing
+    return folder, files
+
+
+def test_payloads_never_run_through_the_library(hostile):
+    folder, files = hostile
+    for path in files:
+        with pytest.raises(CheckpointError) as err:
+            load_state_dict_file(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        with pytest.raises(CheckpointError, match="not a safetensors file"):
+            gct_surgery.load(path)
+    assert not (folder / "MARKER").exists()
+
+
+def test_refusal_names_the_opt_in(hostile):
+    folder, files = hostile
+    zipped = next(p for p in files if p.name == "os.system-zip.pt")
+    with pytest.raises(CheckpointError, match="refused. Pass --allow-pickle only if you trust it"):
+        load_state_dict_file(zipped)
+    assert not (folder / "MARKER").exists()
+
+
+@pytest.mark.parametrize("with_arch", [True, False], ids=["arch", "no-arch"])
+def test_payloads_never_run_through_the_cli(hostile, tmp_path, with_arch):
+    folder, files = hostile
+    # a plain pickle, a zip checkpoint, a payload nested in a state dict
+    picked = [folder / n for n in ("os.system-plain.pt", "eval-zip.pt", "nested-zip.pt")]
+    if not with_arch:
+        picked = picked[:2]  # these stop before reading the file: one of each kind is enough
+    for path in picked:
+        argv = [cli_path(), "inject", str(path), "-o", str(tmp_path / "out.safetensors")]
+        if with_arch:
+            argv[3:3] = ["--arch", "timm:resnet18"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and str(path) in proc.stderr
+        assert not (tmp_path / "out.safetensors").exists()
+    assert not (folder / "MARKER").exists() and not (tmp_path / "MARKER").exists()
+
+
+def test_allow_pickle_lifts_the_refusal_for_a_trusted_module(tmp_path):
+    import timm
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
+    torch.save(model, tmp_path / "model.pt")  # a whole pickled module
+    out = tmp_path / "out.safetensors"
+    from gct_surgery.cli import run
+
+    assert run(["inject", str(tmp_path / "model.pt"), "-o", str(out), "--input-size", "3,32,32"]) == 2
+    assert not out.exists()
+    assert run(["inject", str(tmp_path / "model.pt"), "--allow-pickle", "-o", str(out),
+                "--input-size", "3,32,32"]) == 0
+    assert read_metadata(out).source["spec"] == f"pickle:{tmp_path / 'model.pt'}"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gct_surgery.load(out, allow_pickle=True)(x), model(x))
+    with pytest.raises(UserError, match="allow-pickle"):
+        gct_surgery.load(out)  # rebuilding it needs the same opt-in
+
+
+# --- hostile metadata: a safetensors file that names code ------------------------
+
+def write_checkpoint(path: Path, doc: dict, tensors: dict | None = None) -> Path:
+    tensors = tensors if tensors is not None else {"w": torch.zeros(2)}
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(doc)})
+    return path
+
+
+def base_doc(**changes) -> dict:
+    doc = {"format": "gct-surgery", "format_version": FORMAT_VERSION, "kind": "full",
+           "source": {"spec": "timm:test_resnet", "kwargs": {}}, "gate": {}, "gated": []}
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize("source", [
+    {"spec": "os:system", "kwargs": {"command": "touch MARKER"}},
+    {"spec": "subprocess:run", "kwargs": {"args": ["touch", "MARKER"]}},
+    {"spec": "builtins:exec", "kwargs": {}},
+    {"spec": "gct_surgery.atomic:atomic_write_text", "kwargs": {"dest": "MARKER", "text": "x"}},
+    {"spec": "{stdlib}/subprocess.py:run", "kwargs": {"args": ["touch", "MARKER"]}},
+    {"spec": "timm:test_resnet", "kwargs": {"checkpoint_path": "evil.pth"}},
+    {"spec": "timm:test_resnet", "kwargs": {"pretrained_cfg_overlay": {"file": "evil.pth"}}},
+], ids=["os.system", "subprocess.run", "exec", "own-package", "stdlib-file", "checkpoint_path", "overlay"])
+def test_metadata_that_names_code_is_refused(tmp_path, monkeypatch, source):
+    import sysconfig
+
+    monkeypatch.chdir(tmp_path)
+    source = {**source, "spec": source["spec"].format(stdlib=sysconfig.get_paths()["stdlib"])}
+    path = write_checkpoint(tmp_path / "evil.safetensors", base_doc(source=source))
+    with pytest.raises(CheckpointError, match="may only name your own model code|is not allowed|not a plain value"):
+        gct_surgery.load(path)
+    from gct_surgery.cli import run
+
+    assert run(["inject", str(path), "-o", str(tmp_path / "out.safetensors")]) == 2
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_history_cannot_smuggle_a_source(tmp_path):
+    doc = base_doc(history=[{"action": "open", "source": "os:system"}])
+    with pytest.raises(CheckpointError, match="standard library"):
+        read_metadata(write_checkpoint(tmp_path / "h.safetensors", doc))
+
+
+def test_own_factory_still_loads(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY)
+    from gct_surgery.operations import inject_model, open_model
+
+    model, meta = open_model(f"{tmp_path}/tiny.py:build")
+    inject_model(model, meta, output=tmp_path / "t.safetensors", input_size=[3, 8, 8])
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(gct_surgery.load(tmp_path / "t.safetensors")(x), model.eval()(x))
+
+
+def test_huge_model_kwargs_are_refused_before_allocation(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY)
+    doc = base_doc(source={"spec": f"{tmp_path}/tiny.py:build", "kwargs": {"width": 60000}})
+    with pytest.raises(UserError, match="would have .* parameters"):
+        gct_surgery.load(write_checkpoint(tmp_path / "big.safetensors", doc))
+    doc = base_doc(source={"spec": "timm:test_resnet", "kwargs": {"num_classes": 10**9}})
+    with pytest.raises(CheckpointError, match="not a plain value"):
+        gct_surgery.load(write_checkpoint(tmp_path / "big2.safetensors", doc))
+    doc = base_doc(source={"spec": "timm:test_resnet", "kwargs": {"num_classes": 100000}})
+    with pytest.raises(CheckpointError, match="num_classes=100000 but no stored tensor"):
+        gct_surgery.load(write_checkpoint(tmp_path / "big3.safetensors", doc))
+
+
+# --- safetensors headers, byte by byte ---------------------------------------------
+
+def raw_file(path: Path, header: bytes | dict, data: bytes = b"", size: int | None = None) -> Path:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(body) if size is None else size
+    path.write_bytes(struct.pack("<Q", n) + body + data)
+    return path
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+HEADER_CASES = {
+    "huge header size": (b"{}", b"", 2**63, "bad header size"),
+    "header beyond file": (b"{}", b"", 10_000, "the header claims 10000 bytes"),
+    "too short": (None, None, None, "only 3 bytes"),
+    "not JSON": (b"{nope", b"", None, "header is not valid JSON"),
+    "not UTF-8": (b"\xff\xfe\xfd{}", b"", None, "header is not valid JSON"),
+    "deep nesting": (b"[" * 100000 + b"]" * 100000, b"", None, "header is not valid JSON"),
+    "duplicate keys": (b'{"a":{},"a":{}}', b"", None, "header is not valid JSON"),
+    "JSON array": (b"[1, 2]", b"", None, "not a JSON object"),
+    "bad dtype": ({"w": entry(dtype="F33")}, b"\0" * 8, None, "unknown dtype 'F33'"),
+    "negative shape": ({"w": entry(shape=(-2,))}, b"\0" * 8, None, "bad shape"),
+    "huge shape": ({"w": entry(shape=(2**40, 2**40))}, b"\0" * 8, None, "bad shape"),
+    "float shape": ({"w": entry(shape=(2.0,))}, b"\0" * 8, None, "bad shape"),
+    "offsets outside the file": ({"w": entry(offsets=(0, 2**50))}, b"\0" * 8, None, "lies outside the file"),
+    "negative offsets": ({"w": entry(offsets=(-8, 0))}, b"\0" * 8, None, "lies outside the file"),
+    "wrong byte length": ({"w": entry(shape=(3,))}, b"\0" * 8, None, "needs 12"),
+    "overlapping": ({"a": entry(), "b": entry()}, b"\0" * 8, None, "overlaps another"),
+    "gap": ({"a": entry(offsets=(8, 16))}, b"\0" * 16, None, "leaves a gap"),
+    "trailing bytes": ({"a": entry()}, b"\0" * 12, None, "4 bytes no tensor accounts for"),
+    "extra entry field": ({"a": {**entry(), "exec": "x"}}, b"\0" * 8, None, "not a tensor description"),
+    "metadata not str->str": ({"__metadata__": {"a": 1}}, b"", None, "must map strings to strings"),
+    "metadata a list": ({"__metadata__": ["a"]}, b"", None, "must map strings to strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_malformed_headers_are_refused(tmp_path, case):
+    header, data, size, message = HEADER_CASES[case]
+    path = tmp_path / "bad.safetensors"
+    if header is None:
+        path.write_bytes(b"abc")
+    else:
+        raw_file(path, header, data, size)
+    with pytest.raises(CheckpointError, match=message):
+        read_header(path)
+    with pytest.raises(CheckpointError):
+        gct_surgery.load(path)
+
+
+METADATA_CASES = {
+    "newer format": (base_doc(format_version=FORMAT_VERSION + 1), "made by a newer gct-surgery"),
+    "no version": ({k: v for k, v in base_doc().items() if k != "format_version"}, "no valid format_version"),
+    "string version": (base_doc(format_version="1"), "no valid format_version"),
+    "not ours": (base_doc(format="other"), "not gct-surgery's"),
+    "missing source": ({k: v for k, v in base_doc().items() if k != "source"}, "lacks 'source'"),
+    "missing gated": ({k: v for k, v in base_doc().items() if k != "gated"}, "lacks 'gated'"),
+    "gated not a list": (base_doc(gated="conv1"), "'gated' should be a list"),
+    "gated not names": (base_doc(gated=[1]), "must list module names"),
+    "gated twice": (base_doc(gated=["conv1", "conv1"]), "names a module twice"),
+    "unknown kind": (base_doc(kind="lora"), "unknown checkpoint kind 'lora'"),
+    "bad gate mode": (base_doc(gate={"mode": "l3"}), "gate mode 'l3' is unknown"),
+    "bad eps": (base_doc(gate={"eps": -1}), "eps -1 should be a number"),
+    "unknown gate field": (base_doc(gate={"alpha": 1}), "unknown field 'alpha'"),
+    "source without spec": (base_doc(source={"kwargs": {}}), "source.spec"),
+    "file as source": (base_doc(source={"spec": "weights.pth"}), "names no architecture"),
+    "kwargs not a dict": (base_doc(source={"spec": "timm:test_resnet", "kwargs": [1]}), "should be an object"),
+    "aliases not str->str": (base_doc(aliases={"a": 1}), "'aliases' must map"),
+    "huge input size": (base_doc(data={"input_size": [3, 10**6, 10**6]}), "input_size"),
+    "gate tensors missing": (base_doc(gated=["conv1"]), "no 'conv1.gate.gamma' tensor"),
+    "history not objects": (base_doc(history=[1]), "'history' entries should be objects"),
+}
+
+
+@pytest.mark.parametrize("case", list(METADATA_CASES))
+def test_bad_metadata_is_refused(tmp_path, case):
+    doc, message = METADATA_CASES[case]
+    path = write_checkpoint(tmp_path / "m.safetensors", doc)
+    with pytest.raises(CheckpointError, match=message):
+        gct_surgery.load(path)
+
+
+def test_metadata_that_is_not_json(tmp_path):
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata={METADATA_KEY: "{nope"})
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_metadata(tmp_path / "m.safetensors")
+
+
+def test_newer_format_through_the_cli(tmp_path):
+    path = write_checkpoint(tmp_path / "new.safetensors", base_doc(format_version=FORMAT_VERSION + 1))
+    proc = subprocess.run([cli_path(), "inject", str(path), "-o", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path} was made by a newer gct-surgery (format {FORMAT_VERSION + 1}, this one reads "
+        f"up to {FORMAT_VERSION}); upgrade gct-surgery"]
+
+
+def test_torch_load_is_weights_only_everywhere():
+    """Every torch.load in the package passes weights_only, and only the pickle-module
+    loader (behind allow_pickle) may pass False."""
+    root = Path(gct_surgery.__file__).parent
+    calls = []
+    for path in root.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if "torch.load(" in line and not line.strip().startswith(("#", '"', "'")) and "``" not in line:
+                calls.append((path.name, line.strip()))
+    assert calls
+    for name, line in calls:
+        assert "weights_only=" in line, (name, line)
+        assert "weights_only=False" not in line or name == "sources.py", (name, line)
+
+
+def test_a_torch_file_where_safetensors_is_expected_names_it(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="torch.save zip file"):
+        gct_surgery.load(tmp_path / "w.pt")
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    (tmp_path / "w.safetensors").write_bytes(buf.getvalue())  # wrong extension: read by content
+    assert torch.equal(load_state_dict_file(tmp_path / "w.safetensors")["w"], torch.ones(2))
+
+
+def test_a_header_size_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """The first byte of a safetensors file is the header size's low byte: 0x80 is legal."""
+    header = {"w": entry()}
+    body = json.dumps(header).encode()
+    body += b" " * ((128 - len(body)) % 256)
+    path = raw_file(tmp_path / "w.pt", body, struct.pack("<2f", 1.0, 2.0))
+    assert path.read_bytes()[:1] == b"\x80"
+    assert load_state_dict_file(path)["w"].tolist() == [1.0, 2.0]
