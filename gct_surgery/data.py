@@ -473,13 +473,13 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 def _worker_init(worker_id: int) -> None:
     """Workers leave SIGINT and SIGTERM to the main process, which saves a resumable
-    state and then shuts them down; a worker killed by the signal (Ctrl-C and
-    preemption reach the whole process group) would crash the main process with
-    "DataLoader worker ... killed by signal". The signals arrive blocked (see
-    ``ReportingLoader.__iter__``), so none slips in before this runs."""
+    state and then shuts them down. Ctrl-C and preemption reach the whole process
+    group, and a worker killed by the signal crashes the main process ("DataLoader
+    worker ... exited unexpectedly") before it can save. Forked workers (Linux's
+    default) inherit the main process's handler anyway; spawned and forkserver ones
+    (macOS, Python 3.14) do not, and are covered from here on."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class ReportingLoader(DataLoader):
@@ -496,20 +496,12 @@ class ReportingLoader(DataLoader):
 
     def __iter__(self):
         yielded, tried = False, []
-        if self.num_workers:  # workers start with the stop signals blocked (inherited)
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            try:
-                batches = super().__iter__()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        else:
-            batches = super().__iter__()
-        for batch, skipped in batches:
+        for batch, skipped in super().__iter__():
             if skipped:
                 if self.strict:
                     raise strict_error(*skipped[0])
                 for path, reason in self.report.add_skipped(skipped):
-                    _logger.warning("skipped %s: %s", path, reason)
+                    _logger.info("skipped %s: %s", path, reason)  # the CLI warns through on_bad
                     if self.on_bad is not None:
                         self.on_bad(path, reason)
             if batch is None:

@@ -31,3 +31,7 @@ class DataError(UserError):
 
 class VerificationError(UserError):
     """An export did not reproduce its source model; nothing was written."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting has a value the tool does not know (a gate mode, an implementation)."""

@@ -44,19 +44,21 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .errors import ConfigError
+
 MODES = ("l2", "l1")
 IMPLS = ("fast", "reference")
 
 
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"unknown GCT mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown GCT mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
 
 
 def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
-        raise ValueError(f"unknown GCT impl {impl!r}; choose one of {', '.join(IMPLS)}")
+        raise ConfigError(f"unknown GCT impl {impl!r}; choose one of {', '.join(IMPLS)}")
     return impl
 
 

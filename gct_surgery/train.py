@@ -50,6 +50,7 @@ from . import distributed
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import CheckpointMeta, load_checkpoint, rebuild, save
 from .errors import UserError
+from .gate import set_gate_impl
 from .recipe import Recipe, recipe_from_dict
 from .stages import Stage, freeze_for_stage, make_optimizer, replace_head, set_train_mode
 from .task import Task, load_task
@@ -89,6 +90,7 @@ class TrainConfig:
     strict: bool = False            # stop at the first unreadable image instead of skipping it
     skip_nonfinite: int = 0         # batches with a NaN/inf loss to skip before stopping
     fast_frozen: bool = True        # gates stages: frozen.frozen_base (cheap frozen convs, BN folded)
+    impl: str = "fast"              # gate implementation: fast (fused) or reference (official ops)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -415,6 +417,7 @@ def _execute(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: Tra
                                    checkpoint=source, world_size=ctx.world_size)
         if callable(getattr(task, "check_model", None)):
             task.check_model(model)
+        set_gate_impl(model, config.impl)
         model.to(device)
 
         run = Run(config, recipe, Path(config.out), model, meta, task, train_set, val_set,
@@ -698,7 +701,7 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
         if improved:
             with writing(run.run_dir / "best.safetensors", hint):
                 save(eval_model, run.run_dir / "best.safetensors", meta)
-        with writing(run.run_dir / "metrics", hint):
+        with writing(run.run_dir / f"metrics.{run.config.metrics_format}", hint):
             write_metrics(run)
     save_state(run, optimizer, scheduler, scaler)
     run.emit("epoch_end", row=row, improved=improved)
@@ -792,7 +795,7 @@ class EvalResult:
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "val",
                         batch_size: int = 64, workers: int = 2, device: str = "auto",
                         amp: str = "off", img_size: int | None = None,
-                        strict: bool = False) -> EvalResult:
+                        strict: bool = False, impl: str = "fast") -> EvalResult:
     """Loss, top-1, top-5 and per-class accuracy of a checkpoint on one split.
     Unreadable images are skipped and reported in ``data`` (``strict``: an error)."""
     from .data import create_transform, open_split, resolve_data_config
@@ -800,6 +803,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
 
     loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta
+    set_gate_impl(model, impl)
     dev = distributed.device_for(device)
     cfg = resolve_data_config(meta.data, model, img_size=img_size)
     names = meta.data.get("class_names")

@@ -284,8 +284,7 @@ def test_strict_stops_at_once_naming_the_file(messy, ckpt4, tmp_path, capsys):
     args = ["finetune", str(ckpt4), "--data", str(messy["root"]), "--out", str(tmp_path / "r"),
             "--img-size", "32", "--batch-size", "4", "--workers", "0", "--stage", "gates", "--strict"]
     assert cli_run(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1
+    err = _the_error_line(capsys.readouterr().err)
     assert "gone.png: broken symlink" in err and "--strict" in err
     assert not (tmp_path / "r" / "state.pt").exists()
 
@@ -300,8 +299,19 @@ def test_eval_reports_skipped_files_and_strict_names_a_decode_failure(messy, ckp
     assert cli_run(base) == 0
     assert "1 unreadable image file(s) skipped" in " ".join(capsys.readouterr().err.split())
     assert cli_run([*base, "--strict"]) == 2  # found only when decoded, in a worker
-    err = capsys.readouterr().err
-    assert "zero.png: empty file (0 bytes)" in err and err.count("\n") == 1
+    err = _the_error_line(capsys.readouterr().err)
+    assert "zero.png: empty file (0 bytes)" in err
+
+
+def _the_error_line(stderr: str) -> str:
+    """A user error is exactly one ``error:`` line; the empty class folder's warning
+    may come before it, and nothing else (no traceback)."""
+    lines = stderr.splitlines()
+    errors = [l for l in lines if l.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert all(l.startswith(("error:", "warning:")) for l in lines), stderr
+    assert lines[-1] == errors[0]
+    return errors[0]
 
 
 def test_report_lines_name_the_first_few():

@@ -41,9 +41,16 @@ def _command():
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; a ``UserError`` is one line and code 2."""
-    from ..errors import UserError
-    from ._output import error
+    import logging
 
+    from ..errors import UserError
+    from ._output import WarningHandler, error
+
+    library_log = logging.getLogger("gct_surgery")
+    if not any(isinstance(h, WarningHandler) for h in library_log.handlers):
+        handler = WarningHandler(level=logging.WARNING)
+        library_log.addHandler(handler)
+        library_log.propagate = False
     try:
         _command().main(args=argv, prog_name="gct-surgery", standalone_mode=True)
     except SystemExit as e:

@@ -5,6 +5,7 @@ Imports only rich, never torch or timm, so ``--help`` stays instant.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -50,13 +51,13 @@ def print_kv(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
 
 def info(message: str) -> None:
     if is_human():
-        console.print(message)
+        console.print(message, soft_wrap=True)
     else:
         print(_plain(message))
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
@@ -79,3 +80,10 @@ def _plain(message: str) -> str:
     from rich.text import Text
 
     return Text.from_markup(message).plain
+
+
+class WarningHandler(logging.Handler):
+    """Library warnings (``logging``) printed like the CLI's own: one ``warning:`` line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())

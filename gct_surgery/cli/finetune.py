@@ -25,7 +25,7 @@ class Amp(str, Enum):
 @app.command()
 def finetune(
     checkpoint: Optional[Path] = typer.Argument(None, help="A gct-surgery checkpoint (from `inject`). Not needed with --resume.", show_default=False),
-    data: Optional[Path] = typer.Option(None, help="Image folder: DATA/train/<class>/* and DATA/val/<class>/* (or validation)."),
+    data: Optional[Path] = typer.Option(None, help="Image folder: DATA/train/CLASS/* and DATA/val/CLASS/* (or validation)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: last/best.safetensors, metrics.csv, metrics.png, state.pt."),
     stage: Optional[StageKind] = typer.Option(None, help="Run one stage of the default recipe: gates (only gates train) or full (everything)."),
     recipe: Optional[Path] = typer.Option(None, help="Recipe file (.toml/.yaml) with several stages. Default: gates, then full."),
@@ -50,6 +50,7 @@ def finetune(
     metrics_format: str = typer.Option("csv", help="csv or jsonl."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it."),
     skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume)."),
+    impl: str = typer.Option("fast", help="Gate implementation: fast (fused forward and backward) or reference (the official formulation), for comparison."),
     fast_frozen: bool = typer.Option(True, "--fast-frozen/--no-fast-frozen", help="Gates stages: run the frozen base the cheap way (convs save nothing for backward, frozen BN folded into its conv). Same results up to float rounding."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable result."),
 ) -> None:
@@ -91,7 +92,7 @@ def finetune(
                                  img_size=img_size, augment=not no_aug, ema=ema,
                                  save_every=save_every, task=task, metrics_format=metrics_format,
                                  strict=strict, skip_nonfinite=skip_nonfinite or 0,
-                                 fast_frozen=fast_frozen)
+                                 fast_frozen=fast_frozen, impl=impl)
             result = run_finetune(checkpoint, chosen, config, on_event=reporter)
         base = None
         if baseline:
