@@ -33,9 +33,9 @@ class DemoSettings:
     out: str = "demo-out"
     model: str = "timm:resnet10t"
     img_size: int = 32
-    pretrain_epochs: int = 3
-    gates_epochs: int = 1
-    full_epochs: int = 2
+    pretrain_epochs: int = 5
+    gates_epochs: int = 2
+    full_epochs: int = 3
     batch_size: int = 64
     workers: int = 0
     seed: int = 0
