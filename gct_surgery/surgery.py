@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .errors import UserError
@@ -193,8 +192,3 @@ def _count_gates(model: nn.Module) -> int:
 def base_parameter_count(model: nn.Module) -> int:
     """Parameters of the model without its gates."""
     return _count(model) - _count_gates(model)
-
-
-@torch.no_grad()
-def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
