@@ -37,14 +37,6 @@ warmup = 0.0
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_process_torchrun_matches_one_process(tmp_path):
     data = write_folder(tmp_path / "imgs", train=8, val=3)
     ckpt = make_checkpoint(tmp_path / "c.safetensors")

@@ -5,20 +5,11 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from gct_surgery.cli import run as cli_run
 from gct_surgery.train import evaluate_checkpoint
 
 from test_finetune import make_checkpoint, write_folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

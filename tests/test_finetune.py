@@ -52,16 +52,6 @@ def make_checkpoint(path: Path, spec: str = "timm:test_resnet", num_classes: int
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads spin-wait on each
-    other and a tiny step goes from ~50 ms to ~1 s. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("data") / "imgs")
