@@ -58,16 +58,9 @@ def build(arch: str, seed: int = 0):
 
 
 @contextlib.contextmanager
-def fold_hook():
-    """What GatedConvMixin.forward would become in surgery.py (see docs/performance.md)."""
+def gated_forward(forward):
+    """Temporarily replace every gated conv's forward (a variant to measure)."""
     original = surgery.GatedConvMixin.forward
-
-    def forward(self, x, *args, **kwargs):
-        x, weight = gate_module.gated_conv_operands(self.gate, self, x)
-        if weight is None:
-            return super(surgery.GatedConvMixin, self).forward(x, *args, **kwargs)
-        return self._conv_forward(x, weight, self.bias)
-
     surgery.GatedConvMixin.forward = forward
     try:
         yield
@@ -75,20 +68,26 @@ def fold_hook():
         surgery.GatedConvMixin.forward = original
 
 
-@contextlib.contextmanager
-def multiply_only_hook():
+def _fold_forward(self, x, *args, **kwargs):
+    """What GatedConvMixin.forward would become in surgery.py (see docs/performance.md)."""
+    x, weight = gate_module.gated_conv_operands(self.gate, self, x)
+    if weight is None:
+        return super(surgery.GatedConvMixin, self).forward(x, *args, **kwargs)
+    return self._conv_forward(x, weight, self.bias)
+
+
+def _multiply_only_forward(self, x, *args, **kwargs):
     """Lower bound for any gate that scales the activation: a constant per-channel
     multiply (x * alpha) and nothing else -- no statistics, no tiny ops."""
-    original = surgery.GatedConvMixin.forward
+    return super(surgery.GatedConvMixin, self).forward(x * self.gate.alpha, *args, **kwargs)
 
-    def forward(self, x, *args, **kwargs):
-        return super(surgery.GatedConvMixin, self).forward(x * self.gate.alpha, *args, **kwargs)
 
-    surgery.GatedConvMixin.forward = forward
-    try:
-        yield
-    finally:
-        surgery.GatedConvMixin.forward = original
+def fold_hook():
+    return gated_forward(_fold_forward)
+
+
+def multiply_only_hook():
+    return gated_forward(_multiply_only_forward)
 
 
 @contextlib.contextmanager
