@@ -33,7 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from gct_surgery.gate import gct, gct_reference
+from gct_surgery.core.gate import gct, gct_reference
 
 SHAPES = [(64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7)]
 MODES = {"l2": ("l2", False), "l1": ("l1", False), "l1-relu": ("l1", True)}

@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 from gct_surgery import gate as gate_module  # noqa: E402
 from gct_surgery import surgery  # noqa: E402
-from gct_surgery.gate import set_gate_impl  # noqa: E402
-from gct_surgery.surgery import gates, inject  # noqa: E402
+from gct_surgery.core.gate import set_gate_impl  # noqa: E402
+from gct_surgery.core.surgery import gates, inject  # noqa: E402
 
 
 def build(arch: str, seed: int = 0):

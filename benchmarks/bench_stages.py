@@ -33,9 +33,9 @@ def measure(model_name: str, row: str, batch: int, size: int, steps: int, device
     import timm
     import torch
 
-    from gct_surgery.frozen import frozen_base
-    from gct_surgery.stages import Stage, freeze_for_stage, make_optimizer, set_train_mode
-    from gct_surgery.surgery import inject
+    from gct_surgery.train.frozen import frozen_base
+    from gct_surgery.train.stages import Stage, freeze_for_stage, make_optimizer, set_train_mode
+    from gct_surgery.core.surgery import inject
 
     stage_kind = "gates" if row.startswith("gates") else "full"
 

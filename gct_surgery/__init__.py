@@ -10,13 +10,13 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GCT": "gate", "GateConfig": "gate", "gct": "gate", "gct_reference": "gate",
-    "set_gate_impl": "gate",
-    "TargetSpec": "targets", "select_targets": "targets",
-    "inject": "surgery", "remove": "surgery", "gates": "surgery", "gated_modules": "surgery",
-    "InjectionReport": "surgery",
-    "ModelSource": "sources", "build_model": "sources",
-    "load": "checkpoint", "save": "checkpoint", "read_metadata": "checkpoint",
+    "GCT": "core.gate", "GateConfig": "core.gate", "gct": "core.gate", "gct_reference": "core.gate",
+    "set_gate_impl": "core.gate",
+    "TargetSpec": "core.targets", "select_targets": "core.targets",
+    "inject": "core.surgery", "remove": "core.surgery", "gates": "core.surgery", "gated_modules": "core.surgery",
+    "InjectionReport": "core.surgery",
+    "ModelSource": "io.sources", "build_model": "io.sources",
+    "load": "io.checkpoint", "save": "io.checkpoint", "read_metadata": "io.checkpoint",
     "UserError": "errors",
 }
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
-from .surgery import gates
+from .core.surgery import gates
 
 PARAMS = ("alpha", "gamma", "beta")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -168,7 +168,7 @@ def analyse(model: nn.Module, images: torch.Tensor | None = None) -> GateAnalysi
 def inspect_checkpoint(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = None,
                        limit: int = 32, allow_pickle: bool = False) -> GateAnalysis:
     """Load a checkpoint and analyse its gates (over images from ``data`` if given)."""
-    from .checkpoint import load_checkpoint
+    from .io.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     images = load_images(data, loaded.meta.data, limit) if data is not None else None
@@ -185,7 +185,7 @@ def plot(analysis: GateAnalysis, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from .io.atomic import atomic_path
 
     rows = analysis.rows
     depth = [r.depth for r in rows]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-BUNDLED_DATA_PATH = Path(__file__).resolve().parent / "data" / "fashion_mnist_subset.npz"
+BUNDLED_DATA_PATH = Path(__file__).resolve().parent / "assets" / "fashion_mnist_subset.npz"
 
 SPLITS = ("train", "val")
 _MARKER = ".complete"

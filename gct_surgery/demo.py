@@ -76,12 +76,12 @@ class DemoResult:
 def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None = None) -> DemoResult:
     """Run the whole pipeline into ``settings.out`` and return what each step gave."""
     from .bundled_data import write_image_folder
-    from .checkpoint import load_checkpoint
-    from .export import export
+    from .io.checkpoint import load_checkpoint
+    from .io.export import export
     from .operations import inject_model, open_model
-    from .recipe import Recipe, default_recipe, load_recipe
-    from .stages import Stage
-    from .train import TrainConfig, evaluate_checkpoint, finetune, finetune_baseline
+    from .train.recipe import Recipe, default_recipe, load_recipe
+    from .train.stages import Stage
+    from .train.loop import TrainConfig, evaluate_checkpoint, finetune, finetune_baseline
 
     started = time.perf_counter()
     s = settings
@@ -120,7 +120,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
 
     def train_base():
         model, meta = open_model(s.model, num_classes=10)
-        from .checkpoint import save
+        from .io.checkpoint import save
 
         save(model, out / "untrained.safetensors", meta)
         result = finetune(out / "untrained.safetensors", pretrain, config("runs/pretrain"),
@@ -128,7 +128,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
         trained = load_checkpoint(result.run_dir / "last.safetensors").model
         import torch
 
-        from .atomic import atomic_path
+        from .io.atomic import atomic_path
 
         with atomic_path(base_pth) as tmp:
             torch.save(trained.state_dict(), tmp)
@@ -198,7 +198,7 @@ def _write_recipe(path: Path, recipe) -> None:
     """A recipe as YAML that ``--recipe`` reads back."""
     import yaml
 
-    from .atomic import atomic_write_text
+    from .io.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump({"stages": recipe.to_dict()["stages"]}, sort_keys=False))
 

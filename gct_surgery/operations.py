@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import METADATA_KEY, CheckpointMeta, load_checkpoint, read_header, save
+from .io.checkpoint import METADATA_KEY, CheckpointMeta, load_checkpoint, read_header, save
 from .errors import SourceError
-from .gate import GateConfig
-from .sources import STATE_DICT_SUFFIXES, ModelSource, build_model, parse_source
-from .surgery import InjectionReport, inject
-from .targets import TargetSpec, find_functional_convs
+from .core.gate import GateConfig
+from .io.sources import STATE_DICT_SUFFIXES, ModelSource, build_model, parse_source
+from .core.surgery import InjectionReport, inject
+from .core.targets import TargetSpec, find_functional_convs
 
 
 def open_model(
@@ -213,7 +213,7 @@ def inject_model(
 
 def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig) -> list[dict]:
     """The dry run: one row per candidate convolution, with what would happen to it."""
-    from .targets import select_targets
+    from .core.targets import select_targets
 
     rows = []
     for t in select_targets(model, targets).targets:

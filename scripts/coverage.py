@@ -191,7 +191,7 @@ def _rows(out: Path, names: list[str] | None) -> list[dict]:
 
 def write_markdown(path: Path, out: Path, total: int, command: str, notes: str = "") -> None:
     """``docs/coverage.md``: the figure, the command, every failure and the full table."""
-    from gct_surgery.atomic import atomic_write_text
+    from gct_surgery.io.atomic import atomic_write_text
 
     rows = _rows(out, None)
     s = summarize(rows)
@@ -262,9 +262,9 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     import torch
     import timm
 
-    from gct_surgery.checkpoint import load
+    from gct_surgery.io.checkpoint import load
     from gct_surgery.operations import inject_model, max_difference, run_model
-    from gct_surgery.targets import is_conv
+    from gct_surgery.core.targets import is_conv
 
     row: dict = {"model": name}
     try:
@@ -335,9 +335,9 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def _open(name: str, kwargs: dict):
-    from gct_surgery.checkpoint import CheckpointMeta
+    from gct_surgery.io.checkpoint import CheckpointMeta
     from gct_surgery.operations import data_config
-    from gct_surgery.sources import ModelSource, build_model
+    from gct_surgery.io.sources import ModelSource, build_model
 
     source = ModelSource(f"timm:{name}", kwargs)
     model = build_model(source)

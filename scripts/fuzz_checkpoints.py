@@ -142,7 +142,7 @@ _VALUES = [None, True, False, -1, 0, 1, 2**20, 2**31, 2**63, 10**30, 1e308, -1e-
            "", "x" * 5000, "l3", [], [1, -2], [None], {}, {"a": 1}, "timm:resnet18"]
 _SPECS = ["timm:not_a_model_xyz", "timm:", "torchvision:nope", "os:system", "subprocess:run",
           "builtins:eval", "/etc/passwd", "missing_file.py:build", "pickle:/nonexistent.pt",
-          "{tiny}:nothere", "{tiny}:_private", "timm:test_resnet", "gct_surgery.atomic:atomic_write_text",
+          "{tiny}:nothere", "{tiny}:_private", "timm:test_resnet", "gct_surgery.io.atomic:atomic_write_text",
           "/usr/lib/python3/dist-packages/x.py:build", "a" * 5000, "json:loads", "{tiny}:build"]
 _KWARGS = [{"width": 2**20}, {"width": -3}, {"width": 60000}, {"width": "wide"}, {"num_classes": 10**6},
            {"num_classes": 5}, {"checkpoint_path": "/tmp/x.pth"}, {"command": f"touch {MARKER}"},
@@ -327,7 +327,7 @@ def check_file(path: Path, seeds: Seeds, out: Path) -> tuple[str, list[str]]:
     import gct_surgery
     from gct_surgery.cli import run
     from gct_surgery.errors import UserError
-    from gct_surgery.sources import load_state_dict_file
+    from gct_surgery.io.sources import load_state_dict_file
 
     problems, loaded = [], False
     calls = [("gct_surgery.load", lambda: gct_surgery.load(path))]

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gct_surgery
-from gct_surgery.adapter import base_hash
-from gct_surgery.checkpoint import read_metadata, save
+from gct_surgery.io.adapter import base_hash
+from gct_surgery.io.checkpoint import read_metadata, save
 from gct_surgery.errors import CheckpointError
-from gct_surgery.export import export
+from gct_surgery.io.export import export
 from gct_surgery.operations import inject_model, open_model
-from gct_surgery.surgery import gates, is_gate_parameter
+from gct_surgery.core.surgery import gates, is_gate_parameter
 
 
 def base_file(path, arch="resnet10t", seed=0, **kwargs):

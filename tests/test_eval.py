@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from gct_surgery.cli import run as cli_run
-from gct_surgery.train import evaluate_checkpoint
+from gct_surgery.train.loop import evaluate_checkpoint
 
 from test_finetune import make_checkpoint, write_folder
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gct_surgery
-from gct_surgery.checkpoint import read_metadata, save
-from gct_surgery.export import VerificationError, export
+from gct_surgery.io.checkpoint import read_metadata, save
+from gct_surgery.io.export import VerificationError, export
 from gct_surgery.operations import open_model, inject_model
-from gct_surgery.surgery import gates, is_gate_parameter
+from gct_surgery.core.surgery import gates, is_gate_parameter
 
 SIZE = [3, 48, 48]
 

@@ -21,12 +21,12 @@ import torch
 
 from fixtures import changed_keys, gates_stage_step, snapshot
 from gct_surgery import load
-from gct_surgery.checkpoint import CheckpointMeta, save
-from gct_surgery.export import export
+from gct_surgery.io.checkpoint import CheckpointMeta, save
+from gct_surgery.io.export import export
 from gct_surgery.operations import data_config, inject_model, run_model
-from gct_surgery.sources import ModelSource, build_model
-from gct_surgery.surgery import gated_modules
-from gct_surgery.targets import is_conv, select_targets
+from gct_surgery.io.sources import ModelSource, build_model
+from gct_surgery.core.surgery import gated_modules
+from gct_surgery.core.targets import is_conv, select_targets
 
 # spec, input size (C, H, W) where 64 px does not fit, build kwargs (to shrink)
 TINY_SIZES = {"test_coatnet": 160, "test_maxvit": 160, "test_vit3": 160, "test_vit_relpos": 160}

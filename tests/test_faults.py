@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 import gct_surgery
-from gct_surgery.checkpoint import read_metadata
+from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.cli import run as cli_run
-from gct_surgery.recipe import default_recipe
-from gct_surgery.train import NonFiniteLossError, TrainConfig, WriteError, finetune, read_state
+from gct_surgery.train.recipe import default_recipe
+from gct_surgery.train.loop import NonFiniteLossError, TrainConfig, WriteError, finetune, read_state
 
 from test_finetune import make_checkpoint, write_folder
 
@@ -158,7 +158,7 @@ def test_unknown_fault_spec_is_a_user_error(ckpt, data, tmp_path, monkeypatch, c
 
 NAN_TASK = '''
 import torch
-from gct_surgery.task import ClassificationTask
+from gct_surgery.train.task import ClassificationTask
 
 
 class NanAt(ClassificationTask):
@@ -294,7 +294,7 @@ def test_spawned_workers_ignore_sigterm():
 
     from torch.utils.data import TensorDataset
 
-    from gct_surgery.data import ReportingLoader, _Reported, _worker_init, collate_reported
+    from gct_surgery.train.data import ReportingLoader, _Reported, _worker_init, collate_reported
 
     loader = ReportingLoader(_Reported(TensorDataset(torch.arange(2000.0))), batch_size=4,
                              num_workers=2, collate_fn=collate_reported, worker_init_fn=_worker_init,

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 import gct_surgery
 from gct_surgery.cli import run as cli_run
-from gct_surgery.checkpoint import read_metadata
-from gct_surgery.recipe import default_recipe
-from gct_surgery.train import TrainConfig, finetune, read_state, resume
+from gct_surgery.io.checkpoint import read_metadata
+from gct_surgery.train.recipe import default_recipe
+from gct_surgery.train.loop import TrainConfig, finetune, read_state, resume
 
 CLASSES = 3
 

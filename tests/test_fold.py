@@ -10,11 +10,11 @@ from torch import nn
 
 import gct_surgery
 import gct_surgery.cli
-from gct_surgery.checkpoint import save
-from gct_surgery.export import export
-from gct_surgery.fold import fold_gates
+from gct_surgery.io.checkpoint import save
+from gct_surgery.io.export import export
+from gct_surgery.core.fold import fold_gates
 from gct_surgery.operations import inject_model, open_model
-from gct_surgery.surgery import gates, inject, is_gate_parameter, remove
+from gct_surgery.core.surgery import gates, inject, is_gate_parameter, remove
 
 
 def randomise(model, *, gamma: float = 0.0, seed: int = 0):

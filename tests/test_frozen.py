@@ -1,4 +1,4 @@
-"""The frozen base of the gates stage (``gct_surgery.frozen``): same function as the
+"""The frozen base of the gates stage (``gct_surgery.train.frozen``): same function as the
 ordinary path, fewer saved tensors, state dict untouched, exact classes back on exit.
 
 Real small timm models (resnet18, resnet10t, mobilenetv3 with depthwise convs) at
@@ -18,9 +18,9 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from gct_surgery.cli import run as cli_run
-from gct_surgery.frozen import FrozenConvMixin, frozen_base
-from gct_surgery.stages import Stage, freeze_for_stage, set_train_mode
-from gct_surgery.surgery import inject
+from gct_surgery.train.frozen import FrozenConvMixin, frozen_base
+from gct_surgery.train.stages import Stage, freeze_for_stage, set_train_mode
+from gct_surgery.core.surgery import inject
 
 GATES = Stage("gates", "gates")
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gct_surgery import inject
-from gct_surgery.gate import (
+from gct_surgery.core.gate import (
     GCT,
     GateConfig,
     gated_conv_operands,
@@ -18,7 +18,7 @@ from gct_surgery.gate import (
     gct_reference,
     set_gate_impl,
 )
-from gct_surgery.surgery import gates
+from gct_surgery.core.surgery import gates
 
 MODES = [("l2", False), ("l1", False), ("l1", True)]
 MODE_IDS = ["l2", "l1", "l1-after_relu"]

@@ -11,9 +11,9 @@ from PIL import Image
 
 import gct_surgery.cli
 from gct_surgery.analysis import gate_values
-from gct_surgery.checkpoint import save
+from gct_surgery.io.checkpoint import save
 from gct_surgery.operations import inject_model, open_model
-from gct_surgery.surgery import gates, inject
+from gct_surgery.core.surgery import gates, inject
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

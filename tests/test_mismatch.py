@@ -14,7 +14,7 @@ from conftest import cli_path
 from gct_surgery.cli import run
 from gct_surgery.errors import CheckpointError, UserError
 from gct_surgery.operations import inject_model, open_model
-from gct_surgery.sources import load_weights
+from gct_surgery.io.sources import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_torch_file_where_a_gct_checkpoint_is_required(r18):
 
 
 def test_gates_only_file_on_another_base(tmp_path):
-    adapter = pytest.importorskip("gct_surgery.adapter")
+    adapter = pytest.importorskip("gct_surgery.io.adapter")
     base = small_model()
     other = timm.create_model("test_resnet", pretrained=False, num_classes=4)  # other random weights
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gct_surgery.cli import run as cli_run
-from gct_surgery.recipe import RecipeError, default_recipe, load_recipe, recipe_from_dict
+from gct_surgery.train.recipe import RecipeError, default_recipe, load_recipe, recipe_from_dict
 
 TOML = """
 opt = "sgd"          # a default for every stage

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 import gct_surgery
 from conftest import cli_path
-from gct_surgery.checkpoint import FORMAT_VERSION, METADATA_KEY, read_header, read_metadata
+from gct_surgery.io.checkpoint import FORMAT_VERSION, METADATA_KEY, read_header, read_metadata
 from gct_surgery.errors import CheckpointError, UserError
-from gct_surgery.sources import load_state_dict_file
+from gct_surgery.io.sources import load_state_dict_file
 
 TINY = """\
 import torch.nn as nn
@@ -152,7 +152,7 @@ def base_doc(**changes) -> dict:
     {"spec": "os:system", "kwargs": {"command": "touch MARKER"}},
     {"spec": "subprocess:run", "kwargs": {"args": ["touch", "MARKER"]}},
     {"spec": "builtins:exec", "kwargs": {}},
-    {"spec": "gct_surgery.atomic:atomic_write_text", "kwargs": {"dest": "MARKER", "text": "x"}},
+    {"spec": "gct_surgery.io.atomic:atomic_write_text", "kwargs": {"dest": "MARKER", "text": "x"}},
     {"spec": "{stdlib}/subprocess.py:run", "kwargs": {"args": ["touch", "MARKER"]}},
     {"spec": "timm:test_resnet", "kwargs": {"checkpoint_path": "evil.pth"}},
     {"spec": "timm:test_resnet", "kwargs": {"pretrained_cfg_overlay": {"file": "evil.pth"}}},

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from gct_surgery.errors import UserError
-from gct_surgery.gate import GCT
-from gct_surgery.stages import (Stage, bn_modules, freeze_for_stage, gate_parameters,
+from gct_surgery.core.gate import GCT
+from gct_surgery.train.stages import (Stage, bn_modules, freeze_for_stage, gate_parameters,
                                 make_optimizer, param_groups, replace_head, set_train_mode)
-from gct_surgery.surgery import gated_modules, inject
+from gct_surgery.core.surgery import gated_modules, inject
 
 GATES = Stage("g", "gates", lr=0.1, weight_decay=0.05, gate_weight_decay=0.05)
 FULL = Stage("f", "full", lr=0.1, weight_decay=0.05, gate_weight_decay=0.05)

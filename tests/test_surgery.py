@@ -13,7 +13,7 @@ from torch import nn
 
 from gct_surgery import GCT, TargetSpec, gates, inject, remove
 from gct_surgery.errors import UserError
-from gct_surgery.surgery import gated_modules, is_gate_parameter
+from gct_surgery.core.surgery import gated_modules, is_gate_parameter
 
 
 def _model(name="resnet18"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gct_surgery.errors import NoTargetsError, UserError
-from gct_surgery.targets import TargetSpec, select_targets
+from gct_surgery.core.targets import TargetSpec, select_targets
 
 
 @pytest.fixture(scope="module")

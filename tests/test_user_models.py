@@ -16,11 +16,11 @@ from PIL import Image
 
 from fixtures import FIXTURES, changed_keys, gates_stage_step, snapshot
 from gct_surgery import load
-from gct_surgery.checkpoint import read_metadata, save
-from gct_surgery.export import export
+from gct_surgery.io.checkpoint import read_metadata, save
+from gct_surgery.io.export import export
 from gct_surgery.operations import inject_model, open_model, run_model
-from gct_surgery.surgery import gated_modules, gates
-from gct_surgery.targets import find_functional_convs, select_targets
+from gct_surgery.core.surgery import gated_modules, gates
+from gct_surgery.core.targets import find_functional_convs, select_targets
 
 U2NET = f"{FIXTURES / 'u2net.py'}:build_u2net_small"
 SEQ = FIXTURES / "seq_models.py"

@@ -24,8 +24,8 @@ def eval_(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Evaluate a checkpoint on an image-folder split: loss, top-1, top-5, per-class accuracy."""
-    from ..data import report_lines
-    from ..train import evaluate_checkpoint
+    from ..train.data import report_lines
+    from ..train.loop import evaluate_checkpoint
 
     r = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size,
                             workers=workers, device=device, img_size=img_size, strict=strict,

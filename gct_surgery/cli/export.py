@@ -29,7 +29,7 @@ def export(
     """Export a checkpoint (full, gates-only, unloaded, folded, or ONNX). The export is
     reloaded and compared with the source before it is kept; a failed check writes nothing."""
     size = parse_input_size(input_size)
-    from ..export import export as run_export
+    from ..io.export import export as run_export
 
     result = run_export(checkpoint, output, format=format, gates_only=gates_only, base=base,
                         unload=unload, fold=fold, fold_tol=fold_tol, opset=opset,

@@ -57,7 +57,7 @@ def finetune(
     """Fine-tune a gated checkpoint in stages: gates first, everything else frozen, then everything.
 
     Runs under `torchrun --nproc-per-node N gct-surgery finetune ...` too."""
-    from .. import distributed
+    from ..train import distributed
 
     if resume is None:
         if checkpoint is None:
@@ -70,8 +70,8 @@ def finetune(
             raise typer.BadParameter("give --stage or --recipe, not both", param_hint="--stage")
     elif baseline:
         raise typer.BadParameter("--baseline runs with a new run, not with --resume", param_hint="--baseline")
-    from ..recipe import default_recipe, load_recipe
-    from ..train import (Interrupted, TrainConfig, comparison, finetune as run_finetune,
+    from ..train.recipe import default_recipe, load_recipe
+    from ..train.loop import (Interrupted, TrainConfig, comparison, finetune as run_finetune,
                          finetune_baseline, resume as run_resume)
 
     reporter = Reporter(quiet=json_out)
@@ -109,7 +109,7 @@ def finetune(
 
     if _rank() != 0:  # under torchrun only rank 0 prints
         return
-    from ..task import load_task
+    from ..train.task import load_task
 
     names = load_task(task).metric_names if resume is None else tuple(
         k for k in (result.best or {}) if k not in ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds", "images_per_s"))
@@ -119,7 +119,7 @@ def finetune(
             doc = {"gct": doc, "baseline": base.to_dict(), "comparison": comparison(result, base, names)}
         print_json(doc)
         return
-    from ..data import report_lines
+    from ..train.data import report_lines
 
     for r in (result, base):
         for line in report_lines(r.data) if r is not None else ():

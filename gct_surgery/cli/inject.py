@@ -52,9 +52,9 @@ def inject(
     size = parse_input_size(input_size)
     if output is None and not dry_run:
         raise typer.BadParameter("give -o OUT.safetensors, or --dry-run", param_hint="--output")
-    from ..gate import GateConfig
+    from ..core.gate import GateConfig
     from ..operations import inject_model, open_model, plan
-    from ..targets import TargetSpec
+    from ..core.targets import TargetSpec
 
     targets = TargetSpec(include=tuple(include), exclude=tuple(exclude),
                          min_channels=min_channels, skip_depthwise=skip_depthwise)

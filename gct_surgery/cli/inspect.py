@@ -28,7 +28,7 @@ def inspect(
 
     from ..analysis import inspect_checkpoint
     from ..analysis import plot as write_plot
-    from ..atomic import atomic_write_text
+    from ..io.atomic import atomic_write_text
 
     analysis = inspect_checkpoint(checkpoint, data=data, limit=max_images, allow_pickle=allow_pickle)
     doc = analysis.to_dict()

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .errors import UserError
-from .gate import GCT
+from ..errors import UserError
+from ..core.gate import GCT
 
 STAGE_KINDS = ("gates", "full")
 DEFAULT_BASE_LR_SCALE = 0.1  # full stage: base lr = gate lr x this, unless base_lr is set
@@ -104,7 +104,7 @@ def gate_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
 
 def classifier_name(model: nn.Module) -> str | None:
     """The head's module name: timm's ``get_classifier()``, else the last Linear."""
-    from .sources import _classifier_prefix
+    from ..io.sources import _classifier_prefix
 
     return _classifier_prefix(model)
 

@@ -48,7 +48,7 @@ from timm.data.readers.reader import Reader
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .errors import DataError
+from ..errors import DataError
 
 _logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from torch import nn
 
 from .checkpoint import (METADATA_KEY, CheckpointMeta, dedupe_shared, read_metadata,
                          read_tensors, rebuild, save_tensors)
-from .errors import CheckpointError, SourceError
+from ..errors import CheckpointError, SourceError
 from .sources import ModelSource, build_model, parse_source
-from .surgery import is_gate_parameter
+from ..core.surgery import is_gate_parameter
 
 HASH_PREFIX = "sha256:"
 
@@ -115,7 +115,7 @@ def changed_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor
 def save_adapter(model: nn.Module, meta: CheckpointMeta, base: nn.Module, path: str | os.PathLike,
                  *, base_name: str) -> CheckpointMeta:
     """Write the gates-only file for ``model`` relative to ``base``; returns its metadata."""
-    from .surgery import gated_modules
+    from ..core.surgery import gated_modules
 
     tensors, aliases = dedupe_shared(changed_tensors(model, base))
     changed = sorted(k for k in tensors if not is_gate_parameter(k))

@@ -47,10 +47,10 @@ import torch
 from torch import nn
 
 from . import distributed
-from .atomic import atomic_path, atomic_write_text
-from .checkpoint import CheckpointMeta, load_checkpoint, rebuild, save
-from .errors import UserError
-from .gate import set_gate_impl
+from ..io.atomic import atomic_path, atomic_write_text
+from ..io.checkpoint import CheckpointMeta, load_checkpoint, rebuild, save
+from ..errors import UserError
+from ..core.gate import set_gate_impl
 from .recipe import Recipe, recipe_from_dict
 from .stages import Stage, freeze_for_stage, make_optimizer, replace_head, set_train_mode
 from .task import Task, load_task
@@ -947,7 +947,7 @@ def write_plot(run: Run) -> Path | None:
 
 
 def _result(run: Run, seconds: float) -> RunResult:
-    from .surgery import base_parameter_count
+    from ..core.surgery import base_parameter_count
 
     total = sum(p.numel() for p in run.model.parameters())
     return RunResult(run.run_dir, run.rows, run.best, seconds, total,
@@ -970,7 +970,7 @@ def finetune_baseline(checkpoint: str | Path, recipe: Recipe, config: TrainConfi
                       on_event: Event | None = None) -> RunResult:
     """Fine-tune the checkpoint's model *without* its gates, same data, seed and epochs,
     into ``config.out``/baseline."""
-    from .surgery import remove
+    from ..core.surgery import remove
 
     loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta

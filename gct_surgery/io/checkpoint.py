@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FORMAT_NAME = "gct-surgery"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        from . import __version__
+        from .. import __version__
 
         doc = {"format": FORMAT_NAME, "format_version": self.format_version,
                "gct_surgery_version": __version__, "kind": self.kind,
@@ -247,7 +247,7 @@ def _check_document(doc: Any, path: str | os.PathLike) -> None:
 
 
 def _check_gate(gate: dict, path: str | os.PathLike) -> None:
-    from .gate import MODES
+    from ..core.gate import MODES
 
     for key, value in gate.items():
         if key not in _GATE_FIELDS:
@@ -391,7 +391,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
 def save(model, path: str | os.PathLike, meta: CheckpointMeta) -> Path:
     """Save a gated model and its metadata as one self-describing safetensors file."""
-    from .surgery import gated_modules
+    from ..core.surgery import gated_modules
 
     tensors, aliases = dedupe_shared(model.state_dict())
     meta.gated = list(gated_modules(model))
@@ -408,10 +408,10 @@ class LoadedCheckpoint:
 
 def rebuild(meta: CheckpointMeta, *, allow_pickle: bool = False):
     """Build the base model a checkpoint names and replay its injection (no weights)."""
-    from .gate import GateConfig
+    from ..core.gate import GateConfig
     from .sources import ModelSource, build_model
-    from .surgery import inject
-    from .targets import TargetSpec
+    from ..core.surgery import inject
+    from ..core.targets import TargetSpec
 
     model = build_model(ModelSource.from_dict(meta.source), allow_pickle=allow_pickle)
     if meta.gated:

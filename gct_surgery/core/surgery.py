@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .gate import GCT, GateConfig
 from .targets import Selection, TargetSpec, select_targets
 

@@ -29,10 +29,10 @@ from torch import nn
 
 from .atomic import atomic_path
 from .checkpoint import CheckpointMeta, load_checkpoint, save
-from .errors import UserError, VerificationError
-from .fold import FoldReport, fold_gates
-from .operations import example_input, max_difference, run_model
-from .surgery import gates, remove
+from ..errors import UserError, VerificationError
+from ..core.fold import FoldReport, fold_gates
+from ..operations import example_input, max_difference, run_model
+from ..core.surgery import gates, remove
 
 _logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointError, SourceError, UserError
+from ..errors import CheckpointError, SourceError, UserError
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -462,7 +462,7 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
     Missing gate keys are expected (an original checkpoint loaded into a gated model):
     the gates keep their identity initialisation.
     """
-    from .surgery import is_gate_parameter
+    from ..core.surgery import is_gate_parameter
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict
@@ -487,7 +487,7 @@ def describe_mismatch(model: nn.Module, missing: list, unexpected: list, shapes:
     gate tensors on one side only, keys under an extra prefix, another architecture
     altogether (few keys in common), then the plain lists of keys and shapes.
     """
-    from .surgery import is_gate_parameter
+    from ..core.surgery import is_gate_parameter
 
     expected = model.state_dict()
     file_shape = (lambda k: list(state_dict[k].shape)) if state_dict is not None else (lambda k: None)

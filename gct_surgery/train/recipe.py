@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 from .stages import Stage
 
 DEFAULT_RECIPE_PATH = Path(__file__).resolve().parent / "recipes" / "default.toml"

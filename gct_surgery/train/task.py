@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class TaskError(UserError):
@@ -113,14 +113,14 @@ def load_task(spec: str | None) -> Task:
     ref, sep, attr = spec.rpartition(":")
     if not sep or not ref or not attr:
         raise TaskError(f"--task {spec!r}: write module:object or path/to/file.py:object")
-    from .sources import import_object
+    from ..io.sources import import_object
 
     obj = import_object(spec, what="--task", error=TaskError)
     task = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "datasets")) else obj
     missing = [m for m in ("metric_names", "primary_metric", "higher_is_better", "datasets",
                            "loss", "metric_sums") if not hasattr(task, m)]
     if missing:
-        raise TaskError(f"--task {spec}: the task lacks {', '.join(missing)} (see gct_surgery.task)")
+        raise TaskError(f"--task {spec}: the task lacks {', '.join(missing)} (see gct_surgery.train.task)")
     if task.primary_metric not in task.metric_names:
         raise TaskError(f"--task {spec}: primary_metric {task.primary_metric!r} is not in metric_names")
     return task

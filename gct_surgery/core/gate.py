@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MODES = ("l2", "l1")
 IMPLS = ("fast", "reference")

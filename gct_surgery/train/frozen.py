@@ -41,7 +41,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-from .gate import is_tracing
+from ..core.gate import is_tracing
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PLAN_ATTR = "_gct_frozen"

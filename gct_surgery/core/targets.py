@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import NoTargetsError, UserError
+from ..errors import NoTargetsError, UserError
 
 # timm convolutions that are not torch ``_ConvNd`` subclasses but still take a
 # (N, C, H, W) input: gate them as a unit (MixedConv2d splits its input among child
