@@ -14,7 +14,7 @@ repeat, so a change in machine load hits all of them alike):
 * ``gct-ref``    -- gated, ``set_gate_impl(model, 'reference')``;
 * ``mul-only``   -- not a gate: a constant per-channel multiply in front of every conv,
   the floor for any gate that scales the activation (one write pass, no statistics);
-* ``gct-fold``   -- (batch 1 only) gated, with ``gate.gated_conv_operands``: where the
+* ``gct-fold``   -- (batch 1 only) gated, with ``fold_at_inference.gated_conv_operands``: where the
   conv's weight is smaller than the activation, the gate scales the weight instead
   of the activation. surgery.py does not call it (yet); this benchmark installs the
   hook on the gated conv classes for the duration of the run.
@@ -37,8 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from gct_surgery import gate as gate_module  # noqa: E402
-from gct_surgery import surgery  # noqa: E402
+from gct_surgery.core import surgery  # noqa: E402
+from fold_at_inference import gated_conv_operands  # noqa: E402
 from gct_surgery.core.gate import set_gate_impl  # noqa: E402
 from gct_surgery.core.surgery import gates, inject  # noqa: E402
 
@@ -70,7 +70,7 @@ def gated_forward(forward):
 
 def _fold_forward(self, x, *args, **kwargs):
     """What GatedConvMixin.forward would become in surgery.py (see docs/performance.md)."""
-    x, weight = gate_module.gated_conv_operands(self.gate, self, x)
+    x, weight = gated_conv_operands(self.gate, self, x)
     if weight is None:
         return super(surgery.GatedConvMixin, self).forward(x, *args, **kwargs)
     return self._conv_forward(x, weight, self.bias)

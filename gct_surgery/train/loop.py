@@ -53,6 +53,8 @@ from ..errors import UserError
 from ..core.gate import set_gate_impl
 from .recipe import Recipe, recipe_from_dict
 from .stages import Stage, freeze_for_stage, make_optimizer, replace_head, set_train_mode
+from .device import autocast, batch_size_of, to_device
+from .evaluate import EvalResult, evaluate, evaluate_checkpoint  # noqa: F401 (re-exported)
 from .task import Task, load_task
 
 _logger = logging.getLogger(__name__)
@@ -131,15 +133,6 @@ class RunResult:
 
 
 # --- setup helpers ------------------------------------------------------------------
-
-def autocast(device: torch.device, amp: str):
-    """bf16 on CPU; fp16 or bf16 on CUDA; a no-op when off."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
 
 def seed_everything(seed: int) -> None:
     import numpy as np
@@ -410,9 +403,10 @@ def _execute(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: Tra
                 meta = replaced
                 recipe = Recipe(tuple(replace(s, train_head=True) if s.kind == "gates" else s
                                       for s in recipe.stages), recipe.source)
-            meta.data = {**meta.data, **data_cfg}
+            data = {**meta.data, **data_cfg}
             if getattr(task, "class_names", None):
-                meta.data["class_names"] = list(task.class_names)
+                data["class_names"] = list(task.class_names)
+            meta = replace(meta, data=data)
             meta = meta.with_event("recipe", recipe=recipe.to_dict(), config=asdict(config),
                                    checkpoint=source, world_size=ctx.world_size)
         if callable(getattr(task, "check_model", None)):
@@ -474,7 +468,7 @@ def _adapt_head(model: nn.Module, meta: CheckpointMeta, config: TrainConfig, tas
     replace_head(model, n)
     source = copy.deepcopy(meta.source)
     source.setdefault("kwargs", {})["num_classes"] = n
-    meta = CheckpointMeta(**{**meta.__dict__, "source": source})
+    meta = replace(meta, source=source)
     return meta.with_event("replace_head", num_classes=n)
 
 
@@ -589,7 +583,7 @@ def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, opti
     set_train_mode(run.model, stage)
     t0 = time.perf_counter()
     for x, y in loader:
-        x, y = _to(x, device), _to(y, device)
+        x, y = to_device(x, device), to_device(y, device)
         with autocast(device, cfg.amp):
             loss = run.task.loss(train_model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -608,7 +602,7 @@ def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, opti
         run.step_in_epoch += 1
         run.process_steps += 1
         scheduler.step_update(run.stage_step)
-        n = _batch_size(run.task, y)
+        n = batch_size_of(run.task, y)
         if not skip:
             if run.ema is not None:
                 run.ema.update(run.model, step=run.stage_step)
@@ -712,119 +706,6 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
 def _better(task: Task, row: dict, best: dict) -> bool:
     a, b = row[task.primary_metric], best[task.primary_metric]
     return a > b if task.higher_is_better else a < b
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
-def _batch_size(task: Task, target: Any) -> int:
-    fn = getattr(task, "batch_size", None)
-    return int(fn(target)) if callable(fn) else len(target)
-
-
-# --- evaluation ---------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp: str = "off",
-             batch_size: int = 64, workers: int = 0, ctx: distributed.Dist = distributed.Dist(),
-             per_class: int | None = None, report=None, strict: bool = False) -> dict:
-    """Loss and the task's metrics over ``dataset``, exact across ranks.
-
-    ``per_class=C`` (classification) also returns per-class counts and correct counts.
-    Unreadable images are replaced and counted into ``report`` (a ``data.DataReport``),
-    or raise under ``strict``.
-    """
-    from .data import make_loader
-
-    loader = make_loader(dataset, batch_size, training=False, workers=workers,
-                         rank=ctx.rank, world_size=ctx.world_size, report=report, strict=strict)
-    was_training = model.training
-    model.eval()
-    names = list(task.metric_names)
-    sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss*n, n, metrics...
-    counts = torch.zeros(per_class or 0, dtype=torch.float64)
-    correct = torch.zeros(per_class or 0, dtype=torch.float64)
-    try:
-        for x, y in loader:
-            x, y = _to(x, device), _to(y, device)
-            with autocast(device, amp):
-                out = model(x)
-            n = _batch_size(task, y)
-            batch = task.metric_sums(out, y)
-            sums += torch.tensor([task.loss(out, y).item() * n, n, *(batch[k] for k in names)],
-                                 dtype=torch.float64)
-            if per_class:
-                pred = out.argmax(1).cpu()
-                yc = y.cpu()
-                counts += torch.bincount(yc, minlength=per_class).double()
-                correct += torch.bincount(yc[pred == yc], minlength=per_class).double()
-    finally:
-        model.train(was_training)
-    sums = distributed.all_reduce_sum(sums)
-    n = max(sums[1].item(), 1.0)
-    result = {"loss": sums[0].item() / n, "samples": int(sums[1].item()),
-              **{k: sums[2 + i].item() / n for i, k in enumerate(names)}}
-    if per_class:
-        result["per_class_count"] = distributed.all_reduce_sum(counts).long().tolist()
-        result["per_class_correct"] = distributed.all_reduce_sum(correct).long().tolist()
-    return result
-
-
-@dataclass
-class EvalResult:
-    checkpoint: str
-    split: str
-    loss: float
-    top1: float
-    top5: float
-    samples: int
-    per_class: list[dict]
-    data: dict = field(default_factory=dict)  # data.DataReport.to_dict(): bad files skipped...
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "val",
-                        batch_size: int = 64, workers: int = 2, device: str = "auto",
-                        amp: str = "off", img_size: int | None = None,
-                        strict: bool = False, impl: str = "fast") -> EvalResult:
-    """Loss, top-1, top-5 and per-class accuracy of a checkpoint on one split.
-    Unreadable images are skipped and reported in ``data`` (``strict``: an error)."""
-    from .data import create_transform, open_split, resolve_data_config
-    from .task import ClassificationTask, model_num_classes
-
-    loaded = load_checkpoint(checkpoint)
-    model, meta = loaded.model, loaded.meta
-    set_gate_impl(model, impl)
-    dev = distributed.device_for(device)
-    cfg = resolve_data_config(meta.data, model, img_size=img_size)
-    names = meta.data.get("class_names")
-    class_to_idx = {c: i for i, c in enumerate(names)} if names else None
-    dataset = open_split(data, split, transform=create_transform(cfg, training=False),
-                         class_to_idx=class_to_idx, strict=strict)
-    report = dataset.report
-    classes = names or dataset.classes
-    n_out = model_num_classes(model)
-    if n_out is not None and n_out < len(classes):
-        raise UserError(f"{split} has {len(classes)} classes but the model predicts {n_out}; "
-                        "is this the data it was fine-tuned on?")
-    task = ClassificationTask()
-    model.to(dev)
-    r = evaluate(model, dataset, task, dev, amp=amp, batch_size=batch_size, workers=workers,
-                 per_class=max(len(classes), n_out or 0), report=report, strict=strict)
-    rows = [{"class": c, "images": r["per_class_count"][i],
-             "top1": 100.0 * r["per_class_correct"][i] / r["per_class_count"][i] if r["per_class_count"][i] else float("nan")}
-            for i, c in enumerate(classes)]
-    return EvalResult(str(checkpoint), split, r["loss"], r["top1"], r["top5"], r["samples"], rows,
-                      report.to_dict())
 
 
 # --- files of a run -----------------------------------------------------------------
@@ -975,7 +856,7 @@ def finetune_baseline(checkpoint: str | Path, recipe: Recipe, config: TrainConfi
     loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta
     remove(model)
-    meta = CheckpointMeta(**{**meta.__dict__, "gate": {}, "gated": []}).with_event("remove_gates")
+    meta = replace(meta, gate={}, gated=[]).with_event("remove_gates")
     out = Path(config.out) / "baseline"
     if (out / STATE_FILE).exists():
         raise RunError(f"{out} already holds a baseline run; choose another --out")
