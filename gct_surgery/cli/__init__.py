@@ -11,23 +11,7 @@ import sys
 
 import typer
 
-app = typer.Typer(
-    name="gct-surgery",
-    help="Put Gated Channel Transformation (GCT) gates into a trained CNN, fine-tune them "
-         "in stages, and export the result.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-    rich_markup_mode="markdown",
-)
-
-
-
-@app.callback()
-def _root() -> None:
-    """Put Gated Channel Transformation (GCT) gates into a trained CNN, fine-tune them
-    in stages, and export the result."""
-
+from ._app import app  # noqa: E402  (commands register on it)
 
 # Command modules register themselves on ``app`` when imported, in help order.
 from . import inject, finetune, eval, export, inspect, demo  # noqa: E402,F401

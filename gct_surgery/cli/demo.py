@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from . import app
+from ._app import app
 from ._output import info, print_json, print_table
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from . import app
+from ._app import app
 from ._output import info, print_json, print_kv, warn
 from .inject import parse_input_size
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from . import app
+from ._app import app
 from ._output import info, print_json, print_kv, print_table
 
 SOURCE_HELP = ("timm:NAME, torchvision:NAME, path/to/file.py:factory, package.module:factory, "
