@@ -6,6 +6,7 @@ line answers ``--help`` at once.
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
 
@@ -16,11 +17,32 @@ _EXPORTS = {
     "inject": "core.surgery", "remove": "core.surgery", "gates": "core.surgery", "gated_modules": "core.surgery",
     "InjectionReport": "core.surgery",
     "ModelSource": "io.sources", "build_model": "io.sources",
-    "load": "io.checkpoint", "save": "io.checkpoint", "read_metadata": "io.checkpoint",
+    "save": "io.checkpoint", "read_metadata": "io.checkpoint",
     "UserError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "load"])
+
+
+def load(path: str | os.PathLike | None = None, *, base=None, gates=None, allow_pickle: bool = False):
+    """Load a gct-surgery checkpoint as a ready ``nn.Module`` (in eval mode).
+
+    ``load("model.safetensors")`` rebuilds the full model.
+    ``load(base=..., gates="gates.safetensors")`` applies a gates-only file to its base
+    (an ``nn.Module``, a SOURCE or a weights file; by default the recorded base) and
+    refuses a base whose weights differ from the one the file was made from.
+    """
+    if gates is not None:
+        if path is not None:
+            raise TypeError("load() takes either a checkpoint path or base=/gates=, not both")
+        from .io.adapter import apply_adapter
+
+        return apply_adapter(gates, base, allow_pickle=allow_pickle)
+    if path is None:
+        raise TypeError("load() needs a checkpoint path, or gates= (and base=)")
+    from .io.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, allow_pickle=allow_pickle).model
 
 
 def __getattr__(name: str):

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DataError
+from .core.forward import evaluating
+from .core.movement import ACTIVE, foldable, gate_movement
 from .core.surgery import gates
+from .errors import DataError
 
 PARAMS = ("alpha", "gamma", "beta")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -56,10 +58,49 @@ class GateAnalysis:
     images: int = 0
     samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # module -> gate values
     gammas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # module -> gamma
+    verdict: dict = field(default_factory=dict)  # see gate_verdict
 
     def to_dict(self) -> dict:
-        return {"gates": len(self.rows), "images": self.images,
+        return {"gates": len(self.rows), "images": self.images, "verdict": self.verdict,
                 "rows": [r.to_dict() for r in self.rows]}
+
+
+def gate_verdict(model: nn.Module, gammas: dict[str, torch.Tensor]) -> dict:
+    """Have the gates done anything? Identity, barely moved or active (core.movement),
+    how many would fold into their convs at common tolerances, and the paper's
+    cooperation/competition reading, made only from channels with |gamma| >= ACTIVE:
+    a gamma of 1e-4 has a sign but no effect, so counting it would read noise."""
+    movement = gate_movement(model)
+    folds = foldable(model)
+    text = {"no gates": "this checkpoint has no gates",
+            "identity": "gates at identity: gamma = beta = 0 everywhere, the model is the one "
+                        "before injection (fine-tune with --stage gates)",
+            "barely moved": f"gates barely moved: max |gamma| {movement.max_abs_gamma:.3g}, max "
+                            f"|beta| {movement.max_abs_beta:.3g}, below {ACTIVE} (a gate then scales "
+                            "a channel by at most about 10%); the model is practically the one before "
+                            "injection",
+            "active": f"gates active: {movement.active_gates} of {movement.gates} have |gamma| or "
+                      f"|beta| >= {ACTIVE} (max |gamma| {movement.max_abs_gamma:.3g}, max |beta| "
+                      f"{movement.max_abs_beta:.3g})"}[movement.state]
+    return {**movement.to_dict(), "text": text, "threshold": ACTIVE,
+            "foldable": {f"{tol:g}": n for tol, n in folds.items()},
+            "reading": _reading(list(gammas.values()))}
+
+
+def _reading(gammas: list[torch.Tensor]) -> str:
+    """Competition (gamma >= ACTIVE) against cooperation (gamma <= -ACTIVE), shallow half
+    of the gated layers against the deep half."""
+    half = len(gammas) // 2
+    parts = []
+    for where, layer_gammas in (("shallow", gammas[:half]), ("deep", gammas[half:])):
+        g = torch.cat(layer_gammas) if layer_gammas else torch.empty(0)
+        compete, cooperate = int((g >= ACTIVE).sum()), int((g <= -ACTIVE).sum())
+        if compete + cooperate:
+            parts.append(f"{where} half: {compete} channels compete, {cooperate} cooperate")
+    if not parts:
+        return (f"no cooperation/competition reading: no channel has |gamma| >= {ACTIVE}, so the "
+                "signs of gamma are noise")
+    return f"channels with |gamma| >= {ACTIVE}: " + "; ".join(parts)
 
 
 def _describe(t: torch.Tensor) -> dict[str, float]:
@@ -101,12 +142,10 @@ def gate_values(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor
         return record
 
     handles = [g.register_forward_hook(hook(n)) for n, g in gates(model).items()]
-    was_training = model.training
-    model.eval()
     try:
-        model(batch)
+        with evaluating(model):
+            model(batch)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return found
@@ -157,6 +196,7 @@ def analyse(model: nn.Module, images: torch.Tensor | None = None) -> GateAnalysi
     rows = gate_rows(model)
     analysis = GateAnalysis(rows, gammas={n: g.gamma.detach().reshape(-1).clone()
                                           for n, g in gates(model).items()})
+    analysis.verdict = gate_verdict(model, analysis.gammas)
     if images is not None:
         analysis.samples = gate_values(model, images)
         analysis.images = int(images.shape[0])
@@ -180,17 +220,12 @@ def plot(analysis: GateAnalysis, path: str | os.PathLike) -> Path:
 
     Without images the bottom panel shows the distribution of gamma per layer.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io.atomic import atomic_path
+    from .io.figures import new_figure, save_png
 
     rows = analysis.rows
     depth = [r.depth for r in rows]
-    fig, (top, share, bottom) = plt.subplots(3, 1, figsize=(max(8, 0.25 * len(rows) + 4), 11),
-                                             sharex=False)
+    fig, plt = new_figure(3, 1, (max(8, 0.25 * len(rows) + 4), 11))
+    top, share, bottom = fig.axes
     for p, colour in zip(PARAMS, ("tab:green", "tab:blue", "tab:orange")):
         mean = [r.stats[p]["mean"] for r in rows]
         std = [r.stats[p]["std"] for r in rows]
@@ -225,10 +260,5 @@ def plot(analysis: GateAnalysis, path: str | os.PathLike) -> Path:
     if len(rows) > 30:
         step = max(1, len(rows) // 20)
         bottom.set_xticks(depth[::step], [str(d) for d in depth[::step]])
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, plt, path)
 

@@ -8,7 +8,8 @@ Every step calls the same library function as the command it stands for, in orde
    un-gated model);
 3. ``inject`` -> ``finetune --stage gates`` -> ``finetune --stage full`` -> ``export``
    -> ``eval``;
-4. the baseline: the un-gated model fine-tuned with the same data, seed and epochs.
+4. the honest comparison (``finetune --baseline``): the same recipe run once with the
+   gates and once as its control, the gates held at identity, and the verdict.
 
 ``DemoResult.commands`` holds the equivalent command lines, so a user can repeat each
 step by hand.
@@ -24,6 +25,7 @@ from typing import Callable
 from .errors import UserError
 
 Event = Callable[[str, dict], None]
+CONTROL_STEP = "control (same recipe, gates at identity)"
 
 
 @dataclass
@@ -61,6 +63,7 @@ class DemoResult:
     gates: int = 0
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    verdict: dict = field(default_factory=dict)  # train.verdict.Verdict.to_dict()
 
     @property
     def commands(self) -> list[str]:
@@ -69,7 +72,7 @@ class DemoResult:
     def to_dict(self) -> dict:
         return {"out": str(self.out), "seconds": round(self.seconds, 1),
                 "params_base": self.params_base, "params_added": self.params_added,
-                "gates": self.gates, "files": self.files,
+                "gates": self.gates, "files": self.files, "verdict": self.verdict,
                 "steps": [s.__dict__ for s in self.steps]}
 
 
@@ -79,9 +82,12 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
     from .io.checkpoint import load_checkpoint
     from .io.export import export
     from .operations import inject_model, open_model
+    from .train.compare import compare
+    from .train.config import TrainConfig
+    from .train.evaluate import evaluate_checkpoint
+    from .train.loop import finetune
     from .train.recipe import Recipe, default_recipe, load_recipe
     from .train.stages import Stage
-    from .train.loop import TrainConfig, evaluate_checkpoint, finetune, finetune_baseline
 
     started = time.perf_counter()
     s = settings
@@ -175,23 +181,26 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
     st.top1, st.top5, st.output = evaluated.top1, evaluated.top5, str(model_out)
     emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
 
-    # 4. The honest comparison: no gates, same data, seed and number of epochs. The two
-    # stages above, as a recipe file, are the budget.
+    # 4. The honest comparison: the two stages above as one recipe, run with the gates
+    # and as the control (gates held at identity), same seed, data order and head.
     recipe_file = out / "recipe.yaml"
     _write_recipe(recipe_file, Recipe((*gates_recipe.stages, *full_recipe.stages), "demo"))
-    st, _ = step("baseline (no gates, same budget)",
-                 f"gct-surgery finetune {gated} --data {data} --recipe {recipe_file} --baseline "
-                 f"{common} --out {out}/runs/compare   # runs the gated stages, then the baseline",
-                 lambda: finetune_baseline(gated, load_recipe(recipe_file), config("runs/compare"),
-                                           on_event=emit))
-    scored(st, out / "runs/compare/baseline/last.safetensors")
+    st, compared = step(CONTROL_STEP,
+                        f"gct-surgery finetune {gated} --data {data} --recipe {recipe_file} --baseline "
+                        f"{common} --out {out}/runs/compare",
+                        lambda: compare(gated, load_recipe(recipe_file), config("runs/compare"),
+                                        on_event=emit))
+    control = compared.runs[0].control
+    st.top1, st.top5 = control.last["top1"], control.last["top5"]
+    st.output = str(control.run_dir / "last.safetensors")
+    emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
 
     report = injected.report
     files = sorted(str(p) for p in [base_pth, gated, model_out, recipe_file,
-                                    *(out / "runs").glob("*/metrics.*"),
+                                    *(out / "runs").glob("*/metrics.*"), *(out / "runs").glob("*/comparison.json"),
                                     *(out / "runs").glob("*/last.safetensors")])
     return DemoResult(out, steps, report.base_params, report.params_added, report.gates_total,
-                      files, time.perf_counter() - started)
+                      files, time.perf_counter() - started, compared.verdict.to_dict())
 
 
 def _write_recipe(path: Path, recipe) -> None:

@@ -35,3 +35,10 @@ class VerificationError(UserError):
 
 class ConfigError(UserError, ValueError):
     """A setting has a value the tool does not know (a gate mode, an implementation)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type if empty): messages built
+    from a library's exception stay one line, as the CLI prints them."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

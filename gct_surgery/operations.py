@@ -5,19 +5,22 @@ arguments and prints what these return.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .io.checkpoint import METADATA_KEY, CheckpointMeta, load_checkpoint, read_header, save
-from .errors import SourceError
+from .core.forward import example_input, max_difference, run_model
 from .core.gate import GateConfig
-from .io.sources import STATE_DICT_SUFFIXES, ModelSource, build_model, parse_source
 from .core.surgery import InjectionReport, inject
-from .core.targets import TargetSpec, find_functional_convs
+from .core.targets import TargetSpec, find_functional_convs, select_targets
+from .errors import SourceError
+from .io.checkpoint import load_checkpoint, save
+from .io.metadata import METADATA_KEY, CheckpointMeta
+from .io.safetensors_file import is_safetensors, read_header
+from .io.sources import ModelSource, build_model, parse_source
+from .io.state_dicts import STATE_DICT_SUFFIXES
 
 
 def open_model(
@@ -43,7 +46,7 @@ def open_model(
                               "file.py:factory or a checkpoint file)")
         if path.is_dir():
             raise SourceError(f"{path} is a folder, not a checkpoint file")
-        if _is_safetensors(path) and METADATA_KEY in read_header(path)[1]:  # corrupt: a clear error
+        if is_safetensors(path) and METADATA_KEY in read_header(path)[1]:  # corrupt: a clear error
             loaded = load_checkpoint(path, allow_pickle=allow_pickle)
             return loaded.model, loaded.meta
         if arch is None:
@@ -52,7 +55,7 @@ def open_model(
             raise SourceError(
                 f"{path} is not a gct-surgery checkpoint; if it holds a plain state dict, say "
                 "which model it is for with --arch timm:NAME, torchvision:NAME or file.py:factory"
-                + ("" if _is_safetensors(path) else
+                + ("" if is_safetensors(path) else
                    " (a whole pickled module needs --allow-pickle, which runs its code)"))
         if path.suffix not in STATE_DICT_SUFFIXES:
             raise SourceError(f"{path}: unknown checkpoint type {path.suffix!r} "
@@ -63,18 +66,6 @@ def open_model(
         raise SourceError("--arch is only for a state-dict file SOURCE")
     return _open(ModelSource(absolute_spec(source), _kwargs(source, num_classes, in_chans), weights=weights,
                              pretrained=pretrained), allow_pickle)
-
-
-def _is_safetensors(path: Path) -> bool:
-    """By name, or by content (a gct-surgery checkpoint renamed to .pt is still one)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(head) == 9 and head[8:9] == b"{":  # a header size, then the JSON header
-        return True
-    return path.suffix == ".safetensors" and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80"
 
 
 def absolute_spec(spec: str) -> str:
@@ -123,43 +114,6 @@ def data_config(model: nn.Module) -> dict:
     return {"input_size": [channels, *spatial]}
 
 
-def example_input(meta: CheckpointMeta, batch: int = 2, seed: int = 0,
-                  input_size: list[int] | None = None) -> torch.Tensor:
-    """A seeded random batch of the model's input size, for verification."""
-    size = input_size or meta.data.get("input_size") or [3, 224, 224]
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *size, generator=g)
-
-
-def flat_outputs(out: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's output (a tensor, tuple, list or dict)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flat_outputs(o)]
-    return []
-
-
-@torch.no_grad()
-def run_model(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    try:
-        return flat_outputs(model(x))
-    finally:
-        model.train(was_training)
-
-
-def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """max |a - b| over every output tensor; inf if the structures differ."""
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()]
-    return max(diffs, default=0.0)
-
-
 @dataclass
 class InjectResult:
     report: InjectionReport
@@ -185,11 +139,13 @@ def inject_model(
     verify: bool = True,
     input_size: list[int] | None = None,
 ) -> InjectResult:
-    """Inject gates, check that the output is unchanged, and save if ``output`` is set."""
+    """Inject gates, check that the output is unchanged, and save if ``output`` is set.
+
+    The new metadata is ``result.meta``; ``meta`` itself is frozen and stays as it was."""
     if meta.gate and meta.gated and GateConfig(**meta.gate) != gate:
         raise SourceError(f"the model already has gates made with {meta.gate}; "
                           "use the same --mode/--eps/--after-relu or start from the base model")
-    x = example_input(meta, input_size=input_size) if verify else None
+    x = example_input(input_size or meta.data.get("input_size")) if verify else None
     try:
         before = run_model(model, x) if verify else None
         functional = find_functional_convs(model, x) if verify else []
@@ -199,11 +155,10 @@ def inject_model(
                           f"({str(e).splitlines()[0][:160]}); pass --input-size C,H,W") from None
     report = inject(model, targets, gate)
     diff = max_difference(before, run_model(model, x)) if verify else float("nan")
-    if input_size:
-        meta.data = {**meta.data, "input_size": list(input_size)}  # later commands use it
-    meta.gate = gate.__dict__.copy()
-    meta.targets = targets.to_dict()
-    meta.gated = report.gated
+    # later commands run the model on the input size given here
+    data = {**meta.data, "input_size": list(input_size)} if input_size else meta.data
+    meta = replace(meta, data=data, gate=gate.__dict__.copy(), targets=targets.to_dict(),
+                   gated=report.gated)
     meta = meta.with_event("inject", gates_added=report.gates_added, targets=targets.to_dict(),
                            gate=meta.gate, max_abs_diff=diff)
     if output is not None:
@@ -213,8 +168,6 @@ def inject_model(
 
 def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig) -> list[dict]:
     """The dry run: one row per candidate convolution, with what would happen to it."""
-    from .core.targets import select_targets
-
     rows = []
     for t in select_targets(model, targets).targets:
         rows.append({

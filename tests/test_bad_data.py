@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from gct_surgery.cli import run as cli_run
-from gct_surgery.train.data import (DataReport, make_loader, open_split, read_image, report_lines,
-                              to_rgb)
 from gct_surgery.errors import DataError
+from gct_surgery.train.images import DataReport, open_split, read_image, report_lines, to_rgb
+from gct_surgery.train.loaders import make_loader
 
-from test_finetune import make_checkpoint
+from fixtures.runs import make_checkpoint
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 ROOT_REASON = ("running as root, which ignores file permissions, and unable to drop to "
@@ -106,7 +106,7 @@ def messy(tmp_path_factory) -> dict:
 
 
 def tensor_transform(size: int = 16):
-    from gct_surgery.train.data import create_transform, resolve_data_config
+    from gct_surgery.train.loaders import create_transform, resolve_data_config
 
     return create_transform(resolve_data_config({"input_size": [3, size, size]}), training=False)
 

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gct_surgery
-from gct_surgery.io.checkpoint import FORMAT_VERSION, METADATA_KEY, read_metadata
+from gct_surgery.io.checkpoint import read_metadata
+from gct_surgery.io.metadata import FORMAT_VERSION, METADATA_KEY
 from gct_surgery.errors import CheckpointError, SourceError
 from gct_surgery.operations import inject_model, open_model
 

@@ -24,16 +24,17 @@ def test_quick_demo_runs_every_step_and_beats_chance(cli, tmp_path):
     result = json.loads(proc.stdout)
     names = [s["name"] for s in result["steps"]]
     assert names == ["data", "existing model (trained briefly)", "inject", "finetune --stage gates",
-                     "finetune --stage full", "export", "eval", "baseline (no gates, same budget)"]
+                     "finetune --stage full", "export", "eval", "control (same recipe, gates at identity)"]
     steps = {s["name"]: s for s in result["steps"]}
     for name in ("existing model (trained briefly)", "inject", "finetune --stage gates",
-                 "finetune --stage full", "eval", "baseline (no gates, same budget)"):
+                 "finetune --stage full", "eval", "control (same recipe, gates at identity)"):
         assert steps[name]["top1"] > 30.0, (name, steps[name])  # 10 classes: chance is 10%
     # injection is the identity: the gated model scores exactly what the base scored
     assert steps["inject"]["top1"] == steps["existing model (trained briefly)"]["top1"]
     # the exported model is the fine-tuned one
     assert steps["eval"]["top1"] == steps["finetune --stage full"]["top1"]
     assert result["gates"] > 0 and 0 < result["params_added"] < 0.01 * result["params_base"]
+    assert {"difference", "ci95", "text"} <= set(result["verdict"]) and result["verdict"]["seeds"] == 1
     for f in result["files"]:
         assert os.path.exists(f), f
     # each step names the command that repeats it by hand
@@ -62,6 +63,6 @@ def test_demo_refuses_to_overwrite_without_force(cli, tmp_path):
 def test_default_demo_prints_the_table(cli, tmp_path):
     proc = _demo(cli, tmp_path / "demo")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for needle in ("gct-surgery demo", "top-1", "baseline", "parameters added", "files written",
+    for needle in ("gct-surgery demo", "top-1", "control", "did the gates help?", "parameters added", "files written",
                    "the same steps by hand", "gct-surgery finetune"):
         assert needle in proc.stdout

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from gct_surgery.cli import run as cli_run
 
-from test_finetune import make_checkpoint, write_folder
+from fixtures.runs import make_checkpoint, write_folder
 
 RECIPE = """
 [[stage]]
@@ -62,10 +62,10 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert moved  # the comparison is about weights that trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
-    # Rank 0 alone wrote the metrics: one row per epoch, and the same validation numbers
+    # Rank 0 alone wrote the metrics: row 0 and one row per epoch, and the same validation numbers
     # (metrics summed over both ranks' shards of the val set).
     rows = [list(csv.DictReader(open(d / "metrics.csv"))) for d in (single, multi)]
-    assert len(rows[1]) == 2
+    assert len(rows[1]) == 3  # row 0 (before training), then one per epoch
     for r1, r2 in zip(*rows):
         assert float(r1["val_loss"]) == pytest.approx(float(r2["val_loss"]), rel=1e-4)
         assert float(r1["top1"]) == pytest.approx(float(r2["top1"]))

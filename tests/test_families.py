@@ -21,9 +21,11 @@ import torch
 
 from fixtures import changed_keys, gates_stage_step, snapshot
 from gct_surgery import load
-from gct_surgery.io.checkpoint import CheckpointMeta, save
+from gct_surgery.io.checkpoint import save
+from gct_surgery.io.metadata import CheckpointMeta
 from gct_surgery.io.export import export
-from gct_surgery.operations import data_config, inject_model, run_model
+from gct_surgery.core.forward import run_model
+from gct_surgery.operations import data_config, inject_model
 from gct_surgery.io.sources import ModelSource, build_model
 from gct_surgery.core.surgery import gated_modules
 from gct_surgery.core.targets import is_conv, select_targets

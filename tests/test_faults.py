@@ -24,10 +24,13 @@ from safetensors.torch import load_file
 import gct_surgery
 from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.cli import run as cli_run
+from gct_surgery.train.config import TrainConfig
+from gct_surgery.train.faults import NonFiniteLossError, WriteError
+from gct_surgery.train.loop import finetune
+from gct_surgery.train.progress import read_state
 from gct_surgery.train.recipe import default_recipe
-from gct_surgery.train.loop import NonFiniteLossError, TrainConfig, WriteError, finetune, read_state
 
-from test_finetune import make_checkpoint, write_folder
+from fixtures.runs import make_checkpoint, write_folder
 
 # 24 train images, batch 8: 3 steps an epoch; gates 1 epoch (steps 1-3), then full 1
 # epoch (steps 4-6); a mid-epoch state at the 2nd step of each epoch.
@@ -108,7 +111,7 @@ def test_interrupted_run_resumes_to_the_same_weights(fault, ckpt, data, tmp_path
     assert cli_run(["finetune", "--resume", str(out)]) == 0
     assert_same_weights(load_file(out / "last.safetensors"), reference)
     with open(out / "metrics.csv") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]  # no duplicates
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2"]  # row 0, no duplicates
     assert temps(out) == []  # leftovers of the killed write are cleaned on resume
 
 
@@ -144,7 +147,7 @@ def test_sigterm_to_the_process_group_with_workers(ckpt, data, tmp_path, cli):
     assert state["stage_index"] < 2  # stopped early, and resumable:
     assert cli_run(["finetune", "--resume", str(out), "--json"]) == 0
     with open(out / "metrics.csv") as f:
-        assert [r["stage"] for r in csv.DictReader(f)] == ["gates", "full"]
+        assert [r["stage"] for r in csv.DictReader(f)] == ["start", "gates", "full"]
 
 
 def test_unknown_fault_spec_is_a_user_error(ckpt, data, tmp_path, monkeypatch, capsys):
@@ -294,7 +297,7 @@ def test_spawned_workers_ignore_sigterm():
 
     from torch.utils.data import TensorDataset
 
-    from gct_surgery.train.data import ReportingLoader, _Reported, _worker_init, collate_reported
+    from gct_surgery.train.loaders import ReportingLoader, _Reported, _worker_init, collate_reported
 
     loader = ReportingLoader(_Reported(TensorDataset(torch.arange(2000.0))), batch_size=4,
                              num_workers=2, collate_fn=collate_reported, worker_init_fn=_worker_init,

@@ -1,5 +1,5 @@
 """Staged fine-tuning end to end: freezing, outputs, resume after a kill or Ctrl-C,
-the baseline, and a non-classification task through the ``--task`` hook.
+and a non-classification task through the ``--task`` hook.
 
 Tiny real models (timm ``test_resnet``, 3 classes) on real PNG files at 32 px.
 """
@@ -20,36 +20,12 @@ from safetensors.torch import load_file
 import gct_surgery
 from gct_surgery.cli import run as cli_run
 from gct_surgery.io.checkpoint import read_metadata
+from gct_surgery.train.config import TrainConfig
+from gct_surgery.train.loop import finetune, resume
+from gct_surgery.train.progress import read_state
 from gct_surgery.train.recipe import default_recipe
-from gct_surgery.train.loop import TrainConfig, finetune, read_state, resume
 
-CLASSES = 3
-
-
-def write_folder(root: Path, train: int = 8, val: int = 4, classes: int = CLASSES) -> Path:
-    """A real image folder from the bundled Fashion-MNIST PNG data (grayscale, 28 px)."""
-    from PIL import Image
-
-    from gct_surgery.bundled_data import class_folder_names, load_bundled
-
-    data = load_bundled()
-    names = class_folder_names(data["class_names"])
-    for split, per_class in (("train", train), ("val", val)):
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-        for c in range(classes):
-            folder = root / split / names[c]
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in (labels == c).nonzero()[0][:per_class]:
-                Image.fromarray(images[i]).save(folder / f"{i}.png")
-    return root
-
-
-def make_checkpoint(path: Path, spec: str = "timm:test_resnet", num_classes: int | None = CLASSES) -> Path:
-    from gct_surgery.operations import inject_model, open_model
-
-    model, meta = open_model(spec, num_classes=num_classes)
-    inject_model(model, meta, output=path, input_size=[3, 32, 32])
-    return path
+from fixtures.runs import CLASSES, make_checkpoint, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +70,12 @@ def test_run_folder_outputs(gates_run):
     assert (gates_run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(gates_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1
+    assert len(rows) == 2  # epoch 0 (the model as it came), then the one trained epoch
     assert list(rows[0]) == ["epoch", "stage", "train_loss", "val_loss", "top1", "top5", "lr",
-                             "seconds", "images_per_s"]
-    assert rows[0]["stage"] == "gates" and 0 <= float(rows[0]["top1"]) <= 100
+                             "base_lr", "seconds", "images_per_s"]
+    assert [r["stage"] for r in rows] == ["start", "gates"] and rows[0]["epoch"] == "0"
+    assert 0 <= float(rows[1]["top1"]) <= 100 and float(rows[1]["lr"]) > 0
+    assert rows[1]["base_lr"] == "nan"  # the base is frozen in a gates stage
     recipe = json.loads((gates_run / "recipe.json").read_text())
     assert [s["kind"] for s in recipe["stages"]] == ["gates"]
     meta = read_metadata(gates_run / "last.safetensors")
@@ -207,7 +185,7 @@ def test_ctrl_c_saves_state_and_resume_matches(ckpt, data, tmp_path, reference):
     resume(out)
     _assert_same_weights(load_file(out / "last.safetensors"), reference)
     with open(out / "metrics.csv") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3", "4"]  # row 0: before training
 
 
 def test_killed_mid_epoch_then_resumed_matches(ckpt, data, tmp_path, reference, cli):
@@ -252,22 +230,6 @@ def test_hostile_state_file_is_refused(tmp_path, capsys):
     torch.save({"version": 1, "x": Evil()}, tmp_path / "state.pt")
     assert cli_run(["finetune", "--resume", str(tmp_path)]) == 2
     assert "not a readable train state" in capsys.readouterr().err
-
-
-# --- the baseline -------------------------------------------------------------------
-
-def test_baseline_reports_both_side_by_side(ckpt, data, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli_run(base_args(ckpt, data, out, "--baseline", "--json")) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["gct"]["epochs"] == doc["baseline"]["epochs"] == 2  # same budget
-    rows = {r["what"]: r for r in doc["comparison"]}
-    assert rows["gate parameters"]["baseline"] == 0 and rows["gate parameters"]["gct"] > 0
-    assert rows["parameters"]["gct"] - rows["parameters"]["baseline"] == rows["gate parameters"]["gct"]
-    assert {"best top1", "best top5", "best val_loss", "seconds"} <= set(rows)
-    base = read_metadata(out / "baseline" / "last.safetensors")
-    assert base.gated == []
-    assert [s["kind"] for s in json.loads((out / "baseline" / "recipe.json").read_text())["stages"]] == ["full", "full"]
 
 
 # --- a model that is not a classifier -----------------------------------------------
@@ -344,7 +306,7 @@ def test_task_hook_trains_a_saliency_model(tmp_path):
     assert cli_run(args) == 0
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["stage"] for r in rows] == ["gates", "gates", "full", "full"]
+    assert [r["stage"] for r in rows] == ["start", "gates", "gates", "full", "full"]
     assert "mae" in rows[0] and "top1" not in rows[0]
     before, after = load_file(ckpt), load_file(out / "last.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if ".gate." in k)

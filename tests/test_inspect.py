@@ -103,3 +103,42 @@ def test_bad_data_folder_is_one_line_exit_2(checkpoint, tmp_path, capsys):
     assert gct_surgery.cli.run(["inspect", str(path), "--data", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "empty" in err and "0 images" in err and len(err.strip().splitlines()) == 1
+
+
+# --- the verdict: have the gates done anything? ------------------------------------
+
+def test_verdict_on_identity_barely_moved_and_active_gates():
+    from gct_surgery.analysis import analyse
+
+    model, _ = open_model("timm:resnet10t", num_classes=10)
+    inject(model)
+    identity = analyse(model).verdict
+    n = identity["gates"]
+    assert identity["state"] == "identity" and "identity" in identity["text"]
+    assert identity["foldable"] == {"1e-06": n, "0.001": n, "0.01": n}
+    assert "no cooperation/competition reading" in identity["reading"]
+
+    gs = list(gates(model).values())
+    with torch.no_grad():
+        for gate in gs:
+            gate.gamma.fill_(0.005)  # a sign, but no effect worth reading
+    small = analyse(model).verdict
+    assert small["state"] == "barely moved" and small["max_abs_gamma"] == pytest.approx(0.005)
+    assert small["foldable"] == {"1e-06": 0, "0.001": 0, "0.01": n}
+    assert "no cooperation/competition reading" in small["reading"]
+
+    with torch.no_grad():
+        gs[0].gamma.fill_(-0.5)   # shallow: cooperation
+        gs[-1].gamma.fill_(0.5)   # deep: competition
+    active = analyse(model).verdict
+    assert active["state"] == "active" and active["active_gates"] == 2
+    c0, c1 = gs[0].gamma.numel(), gs[-1].gamma.numel()
+    assert f"shallow half: 0 channels compete, {c0} cooperate" in active["reading"]
+    assert f"deep half: {c1} channels compete, 0 cooperate" in active["reading"]
+
+
+def test_cli_prints_the_verdict(checkpoint, capsys):
+    path, _ = checkpoint
+    assert gct_surgery.cli.run(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gates active" in out and "would fold" in out and "compete" in out

@@ -14,7 +14,7 @@ from conftest import cli_path
 from gct_surgery.cli import run
 from gct_surgery.errors import CheckpointError, UserError
 from gct_surgery.operations import inject_model, open_model
-from gct_surgery.io.sources import load_weights
+from gct_surgery.io.state_dicts import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_gates_only_file_on_another_base(tmp_path):
     other = timm.create_model("test_resnet", pretrained=False, num_classes=4)  # other random weights
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
     model, meta = open_model(str(tmp_path / "base.safetensors"), arch="timm:test_resnet", num_classes=4)
-    inject_model(model, meta, input_size=[3, 32, 32])
+    meta = inject_model(model, meta, input_size=[3, 32, 32]).meta
     adapter.save_adapter(model, meta, base, tmp_path / "gates.safetensors", base_name="base.safetensors")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

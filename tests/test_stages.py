@@ -6,14 +6,16 @@ import timm
 import torch
 from torch import nn
 
-from gct_surgery.errors import UserError
 from gct_surgery.core.gate import GCT
-from gct_surgery.train.stages import (Stage, bn_modules, freeze_for_stage, gate_parameters,
-                                make_optimizer, param_groups, replace_head, set_train_mode)
+from gct_surgery.core.heads import replace_head
 from gct_surgery.core.surgery import gated_modules, inject
+from gct_surgery.errors import UserError
+from gct_surgery.train.stages import (Stage, bn_modules, freeze_for_stage, gate_parameters,
+                                      make_optimizer, param_groups, set_train_mode)
 
 GATES = Stage("g", "gates", lr=0.1, weight_decay=0.05, gate_weight_decay=0.05)
 FULL = Stage("f", "full", lr=0.1, weight_decay=0.05, gate_weight_decay=0.05)
+HEAD = Stage("h", "head", lr=0.1, weight_decay=0.05)
 
 
 @pytest.fixture
@@ -45,6 +47,37 @@ def test_gates_stage_options_add_head_and_bn_affine(model):
     freeze_for_stage(model, Stage("g", "gates", train_bn=True))
     names = trainable(model)
     assert "bn1.weight" in names and "fc.weight" not in names and "conv1.weight" not in names
+
+
+def test_head_stage_trains_only_the_head(model):
+    freeze_for_stage(model, HEAD)
+    assert trainable(model) == {"fc.weight", "fc.bias"}
+    groups = {g["name"]: g for g in param_groups(model, HEAD)}
+    assert set(groups) == {"head_decay", "head_no_decay"} and groups["head_decay"]["lr"] == 0.1
+    freeze_for_stage(model, Stage("h", "head", train_bn=True))
+    assert "bn1.weight" in trainable(model) and "conv1.weight" not in trainable(model)
+
+
+def test_head_stage_step_changes_the_head_alone_and_keeps_bn_statistics(model):
+    """A real step: only head tensors move; BN running statistics stay bit-identical."""
+    freeze_for_stage(model, HEAD)
+    opt = make_optimizer(model, HEAD)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_train_mode(model, HEAD)
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert any("running_mean" in k for k in before)  # there are BN statistics to keep
+
+
+def test_head_stage_without_a_head_is_a_user_error():
+    gated_conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    inject(gated_conv)
+    with pytest.raises(UserError, match="no classifier head"):
+        freeze_for_stage(gated_conv, HEAD)
 
 
 def test_full_stage_trains_everything(model):
@@ -141,4 +174,5 @@ def test_invalid_stage_fields(bad):
 
 def test_bn_frozen_defaults_by_kind():
     assert Stage("a", "gates").bn_frozen and not Stage("b", "full").bn_frozen
+    assert Stage("h", "head").bn_frozen
     assert Stage("c", "full", freeze_bn=True).bn_frozen

@@ -18,7 +18,8 @@ from fixtures import FIXTURES, changed_keys, gates_stage_step, snapshot
 from gct_surgery import load
 from gct_surgery.io.checkpoint import read_metadata, save
 from gct_surgery.io.export import export
-from gct_surgery.operations import inject_model, open_model, run_model
+from gct_surgery.core.forward import run_model
+from gct_surgery.operations import inject_model, open_model
 from gct_surgery.core.surgery import gated_modules, gates
 from gct_surgery.core.targets import find_functional_convs, select_targets
 

@@ -47,3 +47,16 @@ def test_t_quantiles_and_bad_input():
     assert t95(1) == pytest.approx(12.706) and t95(100) == pytest.approx(1.96, abs=1e-3)
     with pytest.raises(ValueError):
         paired_verdict([1.0], [], metric="x", higher_is_better=True)
+
+
+def test_seeds_that_agree_do_not_give_false_certainty():
+    """Two seeds with the same difference: the t interval is zero wide, but 12 validation
+    images cannot resolve 8 points; the binomial floor keeps the interval honest."""
+    v = paired_verdict([33.3, 33.3], [41.7, 41.7], metric="top1", higher_is_better=True,
+                       samples=12, percent=True)
+    assert v.ci95[0] < 0 < v.ci95[1] and "floored" in v.method
+    assert v.text.startswith("no difference detected")
+    # with many images the seeds' own spread decides again
+    w = paired_verdict([80.0, 81.0, 82.5], [79.0, 80.5, 80.0], metric="top1", higher_is_better=True,
+                       samples=10**7, percent=True)
+    assert "floored" not in w.method

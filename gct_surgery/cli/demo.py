@@ -23,7 +23,7 @@ def demo(
 ) -> None:
     """Run the real pipeline on a bundled Fashion-MNIST subset: train a small model,
     inject, fine-tune the gates, then everything, export, evaluate, and compare with a
-    baseline fine-tune at equal budget."""
+    control: the same recipe with the gates held at identity."""
     from ..demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=str(out), model=model, img_size=img_size,
@@ -39,6 +39,8 @@ def demo(
     info(f"gates: {result.gates}; parameters added: {result.params_added:,} "
          f"({100 * result.params_added / max(result.params_base, 1):.2f}% of {result.params_base:,}); "
          f"total {result.seconds:.0f} s")
+    if result.verdict:
+        info(f"did the gates help? {result.verdict['text']}")
     info("files written:")
     for f in result.files:
         info(f"  {f}")

@@ -1,4 +1,5 @@
-"""``gct-surgery eval``: loss, top-1, top-5 and per-class accuracy of a checkpoint."""
+"""``gct-surgery eval``: the loss and the task's metrics of a checkpoint (top-1, top-5 and
+per-class accuracy for a classifier)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from . import app
+from ._app import app
 from ._output import print_json, print_kv, print_table, warn
 
 
 @app.command(name="eval")
 def eval_(
     checkpoint: Path = typer.Argument(..., help="A gct-surgery checkpoint.", show_default=False),
-    data: Path = typer.Option(..., help="Image folder with DATA/SPLIT/CLASS/*."),
+    data: Path = typer.Option(..., help="Data folder: DATA/SPLIT/CLASS/* for a classifier, else what the task reads."),
     split: str = typer.Option("val", help="Split folder to evaluate: val (or validation), train, test."),
     batch_size: int = typer.Option(64, help="Batch size."),
     workers: int = typer.Option(2, help="Data loader worker processes."),
@@ -21,21 +22,24 @@ def eval_(
     img_size: Optional[int] = typer.Option(None, help="Evaluate at this square input size instead of the checkpoint's."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it."),
     impl: str = typer.Option("fast", help="Gate implementation: fast or reference."),
+    task: Optional[str] = typer.Option(None, help="module:object or file.py:object scoring a model that is not a classifier; default: the task the checkpoint was fine-tuned with, else classification."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Evaluate a checkpoint on an image-folder split: loss, top-1, top-5, per-class accuracy."""
-    from ..train.data import report_lines
-    from ..train.loop import evaluate_checkpoint
+    """Evaluate a checkpoint on a split: loss and the task's metrics (for a classifier:
+    top-1, top-5, per-class accuracy)."""
+    from ..train.evaluate import evaluate_checkpoint
+    from ..train.images import report_lines
 
     r = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size,
                             workers=workers, device=device, img_size=img_size, strict=strict,
-                            impl=impl)
+                            impl=impl, task=task)
     if json_out:
         print_json(r.to_dict())
         return
-    print_kv(f"eval {checkpoint.name} on {split}", [
-        ("images", r.samples), ("loss", r.loss), ("top-1 %", r.top1), ("top-5 %", r.top5)])
-    print_table("per-class accuracy", ["class", "images", "top-1 %"],
-                [[c["class"], c["images"], c["top1"]] for c in r.per_class])
+    print_kv(f"eval {checkpoint.name} on {split} ({r.task})",
+             [("images", r.samples), *r.metrics.items()])
+    if r.breakdown:
+        columns = list(r.breakdown[0])
+        print_table(r.breakdown_title, columns, [[row.get(c) for c in columns] for row in r.breakdown])
     for line in report_lines(r.data):
         warn(line)

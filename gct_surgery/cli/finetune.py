@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app
+from ._app import app
 from ._output import info, is_human, print_json, print_table, warn
 
 
@@ -31,7 +31,7 @@ def finetune(
     recipe: Optional[Path] = typer.Option(None, help="Recipe file (.toml/.yaml) with several stages. Default: gates, then full."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its folder."),
     epochs: Optional[int] = typer.Option(None, help="Epochs of every stage (overrides the recipe)."),
-    lr: Optional[float] = typer.Option(None, help="Gate learning rate of every stage (the base gets 0.1x unless --base-lr)."),
+    lr: Optional[float] = typer.Option(None, help="Gate learning rate of every stage (a new head in a gates stage uses it too). The base weights keep the recipe's base_lr (1e-4 in the default recipe) unless --base-lr; a recipe stage without base_lr gives the base 0.1x this."),
     base_lr: Optional[float] = typer.Option(None, help="Learning rate of the base weights in full stages."),
     batch_size: int = typer.Option(32, help="Global batch size (split among torchrun processes)."),
     workers: int = typer.Option(2, help="Data loader worker processes."),
@@ -43,10 +43,13 @@ def finetune(
     no_aug: bool = typer.Option(False, "--no-aug", help="No train augmentation: resize and center crop only."),
     train_head: bool = typer.Option(False, "--train-head", help="Gates stages also train the classifier head."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Gates stages also train BatchNorm weight and bias (statistics stay frozen)."),
-    ema: bool = typer.Option(False, "--ema", help="Keep a ModelEmaV3 average; validation and best.safetensors use it."),
+    ema: bool = typer.Option(False, "--ema", help="Keep a ModelEmaV3 average over every stage; validation, best.safetensors and ema.safetensors use it (last.safetensors keeps the raw weights)."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default: an averaging window of a tenth of the run's updates, within 0.9 to 0.9999, warmed up)."),
     save_every: int = typer.Option(0, help="Also save a resumable state every N steps (0: after each epoch)."),
     task: Optional[str] = typer.Option(None, help="module:object or file.py:object giving datasets, loss and metrics for a model that is not a classifier."),
-    baseline: bool = typer.Option(False, "--baseline", help="Also fine-tune the model without gates, same budget, and compare."),
+    baseline: bool = typer.Option(False, "--baseline", help="Did the gates help? Also run a control: the same recipe, stages, head handling, seed and data order with the gates held at identity (removed); print GCT minus control with a 95% interval. Runs go to OUT/seed-S/{gct,control}."),
+    seeds: int = typer.Option(1, help="With --baseline: run GCT and control for this many seeds (seed, seed+1, ...): the interval comes from their paired differences."),
+    plain: bool = typer.Option(False, "--plain", help="With --baseline: also run the plain fine-tune you would otherwise run (every parameter, no gates, one full stage of the same total epochs) as a second reference."),
     metrics_format: str = typer.Option("csv", help="csv or jsonl."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it."),
     skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume)."),
@@ -70,9 +73,13 @@ def finetune(
             raise typer.BadParameter("give --stage or --recipe, not both", param_hint="--stage")
     elif baseline:
         raise typer.BadParameter("--baseline runs with a new run, not with --resume", param_hint="--baseline")
+    if (seeds != 1 or plain) and not baseline:
+        raise typer.BadParameter("--seeds and --plain go with --baseline", param_hint="--seeds")
+    from ..train.compare import compare
+    from ..train.config import TrainConfig
+    from ..train.faults import Interrupted
+    from ..train.loop import finetune as run_finetune, resume as run_resume
     from ..train.recipe import default_recipe, load_recipe
-    from ..train.loop import (Interrupted, TrainConfig, comparison, finetune as run_finetune,
-                         finetune_baseline, resume as run_resume)
 
     reporter = Reporter(quiet=json_out)
     try:
@@ -90,14 +97,13 @@ def finetune(
             config = TrainConfig(data=str(data), out=str(out), batch_size=batch_size, workers=workers,
                                  seed=seed, device=device, amp=amp.value, num_classes=num_classes,
                                  img_size=img_size, augment=not no_aug, ema=ema,
-                                 save_every=save_every, task=task, metrics_format=metrics_format,
-                                 strict=strict, skip_nonfinite=skip_nonfinite or 0,
-                                 fast_frozen=fast_frozen, impl=impl)
-            result = run_finetune(checkpoint, chosen, config, on_event=reporter)
-        base = None
-        if baseline:
-            reporter.title = "baseline: "
-            base = finetune_baseline(checkpoint, chosen, config, on_event=reporter)
+                                 ema_decay=ema_decay, save_every=save_every, task=task,
+                                 metrics_format=metrics_format, strict=strict,
+                                 skip_nonfinite=skip_nonfinite or 0, fast_frozen=fast_frozen, impl=impl)
+            if baseline:
+                result = compare(checkpoint, chosen, config, seeds=seeds, plain=plain, on_event=reporter)
+            else:
+                result = run_finetune(checkpoint, chosen, config, on_event=reporter)
         reporter.close()
     except Interrupted as e:  # the state is on disk; the Reporter said how to resume
         if json_out and _rank() == 0:
@@ -109,40 +115,53 @@ def finetune(
 
     if _rank() != 0:  # under torchrun only rank 0 prints
         return
-    from ..train.task import load_task
-
-    names = load_task(task).metric_names if resume is None else tuple(
-        k for k in (result.best or {}) if k not in ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds", "images_per_s"))
     if json_out:
-        doc = result.to_dict()
-        if base is not None:
-            doc = {"gct": doc, "baseline": base.to_dict(), "comparison": comparison(result, base, names)}
-        print_json(doc)
-        return
-    from ..train.data import report_lines
+        print_json(result.to_dict())
+    elif baseline:
+        _print_comparison(result)
+    else:
+        _print_run(result)
 
-    for r in (result, base):
-        for line in report_lines(r.data) if r is not None else ():
-            warn(f"{'baseline: ' if r is base else ''}{line}")
-        if r is not None and r.nonfinite_skipped:
-            warn(f"{r.nonfinite_skipped} batch(es) with a non-finite loss were skipped (--skip-nonfinite)")
+
+def _print_run(result, label: str = "") -> None:
+    from ..train.images import report_lines
+
+    for line in report_lines(result.data):
+        warn(f"{label}{line}")
+    if result.nonfinite_skipped:
+        warn(f"{label}{result.nonfinite_skipped} batch(es) with a non-finite loss were skipped (--skip-nonfinite)")
     best = result.best or {}
-    info(f"done in {result.seconds:.1f} s: best {', '.join(f'{k} {best[k]:.4g}' for k in ('val_loss', *names) if k in best)} "
+    names = ("val_loss", *result.metric_names)
+    info(f"{label}done in {result.seconds:.1f} s: best {', '.join(f'{k} {best[k]:.4g}' for k in names if k in best)} "
          f"(epoch {best.get('epoch')}, stage {best.get('stage')}); written to {result.run_dir}")
-    if base is not None:
-        rows = comparison(result, base, names)
-        print_table("GCT vs baseline (same data, seed and epochs)", ["", "gct", "baseline", "difference"],
-                    [[r["what"], _num(r["gct"]), _num(r["baseline"]), _num(r["difference"])] for r in rows])
+
+
+def _print_comparison(comparison) -> None:
+    """Per seed, the final and best primary metric of each run, then the verdict."""
+    key = comparison.metric
+    rows = []
+    for runs in comparison.runs:
+        for arm in ("gct", "control", "plain"):
+            r = getattr(runs, arm)
+            if r is None:
+                continue
+            gates = next((s["max_abs_gamma"] for s in r.stages if "max_abs_gamma" in s), None)
+            rows.append([runs.seed, arm, (r.last or {}).get(key), (r.best or {}).get(key),
+                         max(s["trainable_params"] for s in r.stages) if r.stages else 0,
+                         "-" if gates is None else gates, r.seconds])
+    print_table(f"GCT against the same protocol without gates ({key}, final epoch)",
+                ["seed", "run", f"final {key}", f"best {key}", "trainable", "max |gamma|", "seconds"], rows)
+    v = comparison.verdict
+    info(v.text)
+    if comparison.plain_verdict is not None:
+        info(comparison.plain_verdict.text)
+    info(f"runs in {comparison.out}/seed-*/; comparison.json and metrics.png beside them")
 
 
 def _rank() -> int:
     import os
 
     return int(os.environ.get("RANK", "0"))
-
-
-def _num(v):
-    return "-" if v is None else v
 
 
 class Reporter:
@@ -160,6 +179,8 @@ class Reporter:
     def __call__(self, event: str, payload: dict) -> None:
         if self.quiet:
             return
+        if "arm" in payload:  # a comparison: say which run the line is about
+            self.title = f"{payload['arm']} (seed {payload['seed']}): "
         getattr(self, f"on_{event}", lambda p: None)(payload)
 
     def on_stage_start(self, p: dict) -> None:
@@ -177,7 +198,15 @@ class Reporter:
                 self.progress.start()
             total = p["epochs"] * p["steps_per_epoch"]
             done = p["epoch"] * p["steps_per_epoch"] + p["step"]
-            self.task_id = self.progress.add_task(f"{p['stage']}", total=total, completed=done, speed="")
+            self.task_id = self.progress.add_task(f"{self.title}{p['stage']}", total=total,
+                                                  completed=done, speed="")
+
+    def on_stage_end(self, p: dict) -> None:
+        g = p.get("summary", {}).get("gates")
+        if g:
+            self._say(f"{self.title}after stage {p['stage']}: gates {g['state']} (max |gamma| "
+                      f"{g['max_abs_gamma']:.3g}, max |beta| {g['max_abs_beta']:.3g}; "
+                      f"{g['active_gates']} of {g['gates']} gates at 0.1 or more)")
 
     def on_step(self, p: dict) -> None:
         if self.progress is not None and self.task_id is not None:
@@ -189,10 +218,13 @@ class Reporter:
         r = p["row"]
         metrics = " ".join(f"{k} {v:.4g}" for k, v in r.items()
                            if k not in ("epoch", "stage", "seconds", "images_per_s") and isinstance(v, float))
-        line = (f"{self.title}epoch {r['epoch']} ({r['stage']}): {metrics}, {r['seconds']:.1f} s, "
-                f"{r['images_per_s']} img/s{' *best*' if p['improved'] else ''}")
-        if self.progress is not None:
-            self.progress.console.print(line, highlight=False)
+        speed = f", {r['seconds']:.1f} s, {r['images_per_s']} img/s" if r["seconds"] else ""
+        self._say(f"{self.title}epoch {r['epoch']} ({r['stage']}): {metrics}{speed}"
+                  f"{' *best*' if p['improved'] else ''}")
+
+    def _say(self, line: str) -> None:
+        if self.progress is not None:  # above the live bar, never inside it
+            self.progress.console.print(line, highlight=False, markup=False)
         else:
             info(line)
 

@@ -57,6 +57,11 @@ def inspect(
             row += [v.get("p05", float("nan")), v.get("p50", float("nan")), v.get("p95", float("nan"))]
         rows.append(row)
     print_table(f"gates of {checkpoint}", columns, rows)
+    v = analysis.verdict
+    info(v["text"])
+    info("would fold into their convs (export --fold): " + ", ".join(
+        f"{n} at max |gamma| <= {tol}" for tol, n in v["foldable"].items()))
+    info(v["reading"])
     for path in (out_json, plot):
         if path is not None:
             info(f"wrote {path}")

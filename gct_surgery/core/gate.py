@@ -63,17 +63,9 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
-def gct_reference(
-    x: torch.Tensor,
-    alpha: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    mode: str = "l2",
-    eps: float = 1e-5,
-    after_relu: bool = False,
-    spatial_dims: int | None = None,
-) -> torch.Tensor:
+def gct_reference(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *,
+                  mode: str = "l2", eps: float = 1e-5, after_relu: bool = False,
+                  spatial_dims: int | None = None) -> torch.Tensor:
     """GCT as the official code writes it: a chain of small tensor ops.
 
     Kept as the readable definition and as the baseline that benchmarks and tests
@@ -272,17 +264,9 @@ class _GCTFunction(torch.autograd.Function):
         return dx, grad_a, grad_g, grad_b, None, None, None
 
 
-def gct(
-    x: torch.Tensor,
-    alpha: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    mode: str = "l2",
-    eps: float = 1e-5,
-    after_relu: bool = False,
-    spatial_dims: int | None = None,
-) -> torch.Tensor:
+def gct(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *,
+        mode: str = "l2", eps: float = 1e-5, after_relu: bool = False,
+        spatial_dims: int | None = None) -> torch.Tensor:
     """GCT, fast: the same function as ``gct_reference``, computed in fewer passes.
 
     Statistics in float32 (float64 for float64 inputs), output in x's dtype and memory

@@ -19,6 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import NoTargetsError, UserError
+from .forward import evaluating
 
 # timm convolutions that are not torch ``_ConvNd`` subclasses but still take a
 # (N, C, H, W) input: gate them as a unit (MixedConv2d splits its input among child
@@ -243,13 +244,10 @@ def find_functional_convs(model: nn.Module, example_input) -> list[str]:
         handles.append(module.register_forward_pre_hook(enter(name, is_conv(module))))
         handles.append(module.register_forward_hook(leave))
     recorder = _ConvCallRecorder(stack)
-    was_training = model.training
-    model.eval()
     try:
-        with recorder:
+        with evaluating(model), recorder:
             model(example_input)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return list(recorder.calls)

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import (METADATA_KEY, CheckpointMeta, dedupe_shared, read_metadata,
-                         read_tensors, rebuild, save_tensors)
+from ..core.surgery import gated_modules, is_gate_parameter
 from ..errors import CheckpointError, SourceError
+from .checkpoint import is_gct_checkpoint, load_checkpoint, read_metadata, rebuild
+from .metadata import METADATA_KEY, CheckpointMeta
+from .safetensors_file import dedupe_shared, read_tensors, restore_aliases, save_tensors
 from .sources import ModelSource, build_model, parse_source
-from ..core.surgery import is_gate_parameter
+from .state_dicts import load_weights
 
 HASH_PREFIX = "sha256:"
 
@@ -83,8 +86,6 @@ def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | Non
     text = str(base)
     kind, location = parse_source(text)
     if kind == "file":
-        from .checkpoint import is_gct_checkpoint, load_checkpoint
-
         path = Path(location)
         if not path.is_file():
             raise SourceError(f"no such base file: {path}")
@@ -115,15 +116,10 @@ def changed_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor
 def save_adapter(model: nn.Module, meta: CheckpointMeta, base: nn.Module, path: str | os.PathLike,
                  *, base_name: str) -> CheckpointMeta:
     """Write the gates-only file for ``model`` relative to ``base``; returns its metadata."""
-    from ..core.surgery import gated_modules
-
     tensors, aliases = dedupe_shared(changed_tensors(model, base))
     changed = sorted(k for k in tensors if not is_gate_parameter(k))
-    out = CheckpointMeta(**{**meta.__dict__, "history": list(meta.history)})
-    out.kind = "gates-only"
-    out.gated = list(gated_modules(model))
-    out.aliases = aliases
-    out.base_hash = base_hash(base)
+    out = replace(meta, kind="gates-only", gated=list(gated_modules(model)), aliases=aliases,
+                  base_hash=base_hash(base))
     out = out.with_event("export-gates-only", base=base_name, base_hash=out.base_hash,
                          changed_base_tensors=changed)
     save_tensors(path, tensors, {METADATA_KEY: out.to_json()})
@@ -137,8 +133,6 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
     Refuses a base whose weights hash differs from the one the file was made from.
     The base is not modified.
     """
-    from .sources import load_weights
-
     meta = read_metadata(gates)
     if meta.kind != "gates-only":
         raise CheckpointError(f"{gates} is a full checkpoint, not a gates-only file; load it "
@@ -156,10 +150,7 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
             f"{found[len(HASH_PREFIX):][:12]}, expected {meta.base_hash[len(HASH_PREFIX):][:12]}; "
             "pass the weights it was exported from as the base")
     model = rebuild(meta, allow_pickle=allow_pickle)
-    tensors = read_tensors(gates)
-    for dropped, kept in meta.aliases.items():
-        if kept in tensors:
-            tensors[dropped] = tensors[kept]
+    tensors = restore_aliases(read_tensors(gates), meta.aliases)
     expected = model.state_dict()
     merged = {k: v for k, v in state.items()
               if k in expected and k not in tensors and v.shape == expected[k].shape}

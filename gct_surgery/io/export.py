@@ -21,18 +21,20 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .atomic import atomic_path
-from .checkpoint import CheckpointMeta, load_checkpoint, save
-from ..errors import UserError, VerificationError
 from ..core.fold import FoldReport, fold_gates
-from ..operations import example_input, max_difference, run_model
+from ..core.forward import example_input, max_difference, run_model
 from ..core.surgery import gates, remove
+from ..errors import UserError, VerificationError
+from .adapter import apply_adapter, resolve_base, save_adapter
+from .atomic import atomic_path
+from .checkpoint import load_checkpoint, save
+from .metadata import CheckpointMeta
 
 _logger = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def export(
     output = Path(output)
     loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     model, meta = loaded.model, loaded.meta
-    x = example_input(meta, batch=batch, input_size=input_size)
+    x = example_input(input_size or meta.data.get("input_size"), batch=batch)
     reference = run_model(model, x)
     form = "gates-only" if gates_only else "unload" if unload else "fold" if fold else "full"
     result = ExportResult(output, form, format, float("nan"), 0, len(gates(model)),
@@ -156,7 +158,7 @@ def export(
 
     out_meta = meta.with_event("export", **event)
     if not result.gates:
-        out_meta.gate = {}
+        out_meta = replace(out_meta, gate={})
     with atomic_path(output) as tmp:
         save(model, tmp, out_meta)
         reloaded = load_checkpoint(tmp).model
@@ -173,8 +175,6 @@ def export(
 
 def _export_gates_only(model, meta: CheckpointMeta, base, output: Path, x, reference,
                        result: ExportResult, allow_pickle: bool) -> None:
-    from .adapter import apply_adapter, resolve_base, save_adapter
-
     base_model, base_name = resolve_base(meta, base, allow_pickle=allow_pickle)
     with atomic_path(output) as tmp:
         written = save_adapter(model, meta, base_model, tmp, base_name=base_name)

@@ -1,42 +1,51 @@
 """Evaluation: loss and the task's metrics over a data set, exact across ranks, and the
-``eval`` command's whole job on a checkpoint."""
+``eval`` command's whole job on a checkpoint.
+
+Nothing here knows what the task is. Its metric names, its optional breakdown table
+(per-class accuracy for classification) and its datasets all come from the ``Task``,
+so ``eval`` scores a checkpoint fine-tuned with ``--task`` as well as a classifier.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.forward import evaluating
 from ..core.gate import set_gate_impl
+from ..core.heads import model_num_classes
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
+from ..io.metadata import CheckpointMeta
 from . import distributed
 from .device import autocast, batch_size_of, to_device
-from .task import Task
+from .images import DataReport, check_strict, open_split
+from .task import ClassificationTask, Task, TaskError, has_breakdown, load_task
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp: str = "off",
              batch_size: int = 64, workers: int = 0, ctx: distributed.Dist = distributed.Dist(),
-             per_class: int | None = None, report=None, strict: bool = False) -> dict:
-    """Loss and the task's metrics over ``dataset``, exact across ranks.
+             report=None, strict: bool = False, breakdown: bool = False) -> dict:
+    """Loss and the task's metrics over ``dataset``, exact across ranks: a dict with
+    ``loss``, ``samples`` and each of ``task.metric_names``.
 
-    ``per_class=C`` (classification) also returns per-class counts and correct counts.
-    Unreadable images are replaced and counted into ``report`` (a ``data.DataReport``),
-    or raise under ``strict``.
+    ``breakdown=True`` adds ``breakdown``, the task's table rows, when the task has the
+    hook (every rank must see at least one batch). Unreadable images are dropped and
+    counted into ``report`` (an ``images.DataReport``), or raise under ``strict``.
     """
-    from .data import make_loader
+    from .loaders import make_loader
 
     loader = make_loader(dataset, batch_size, training=False, workers=workers,
                          rank=ctx.rank, world_size=ctx.world_size, report=report, strict=strict)
-    was_training = model.training
-    model.eval()
     names = list(task.metric_names)
     sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss*n, n, metrics...
-    counts = torch.zeros(per_class or 0, dtype=torch.float64)
-    correct = torch.zeros(per_class or 0, dtype=torch.float64)
-    try:
+    by_group = breakdown and has_breakdown(task)
+    group_sums: dict[str, torch.Tensor] = {}
+    with evaluating(model):
         for x, y in loader:
             x, y = to_device(x, device), to_device(y, device)
             with autocast(device, amp):
@@ -45,68 +54,158 @@ def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp
             batch = task.metric_sums(out, y)
             sums += torch.tensor([task.loss(out, y).item() * n, n, *(batch[k] for k in names)],
                                  dtype=torch.float64)
-            if per_class:
-                pred = out.argmax(1).cpu()
-                yc = y.cpu()
-                counts += torch.bincount(yc, minlength=per_class).double()
-                correct += torch.bincount(yc[pred == yc], minlength=per_class).double()
-    finally:
-        model.train(was_training)
+            if by_group:
+                for key, value in task.breakdown_sums(out, y).items():
+                    value = value.detach().to("cpu", torch.float64)
+                    group_sums[key] = group_sums[key] + value if key in group_sums else value
     sums = distributed.all_reduce_sum(sums)
     n = max(sums[1].item(), 1.0)
     result = {"loss": sums[0].item() / n, "samples": int(sums[1].item()),
               **{k: sums[2 + i].item() / n for i, k in enumerate(names)}}
-    if per_class:
-        result["per_class_count"] = distributed.all_reduce_sum(counts).long().tolist()
-        result["per_class_correct"] = distributed.all_reduce_sum(correct).long().tolist()
+    if by_group:
+        totals = {k: distributed.all_reduce_sum(group_sums[k]) for k in sorted(group_sums)}
+        result["breakdown"] = task.breakdown(totals)
     return result
 
 
 @dataclass
 class EvalResult:
+    """One checkpoint scored on one split. ``metrics`` holds ``loss`` and the task's
+    metrics by name, each also an attribute (``r.loss``, ``r.top1``, ``r.mae``);
+    ``breakdown`` holds the task's table rows, also under ``breakdown_name``
+    (``r.per_class`` for classification)."""
+
     checkpoint: str
     split: str
-    loss: float
-    top1: float
-    top5: float
+    task: str
+    metrics: dict[str, float]
+    primary_metric: str
+    higher_is_better: bool
     samples: int
-    per_class: list[dict]
-    data: dict = field(default_factory=dict)  # data.DataReport.to_dict(): bad files skipped...
+    breakdown: list[dict] = field(default_factory=list)
+    breakdown_name: str = "breakdown"
+    breakdown_title: str = "breakdown"
+    data: dict = field(default_factory=dict)  # images.DataReport.to_dict(): bad files skipped...
+
+    def __getattr__(self, name: str) -> Any:
+        fields = self.__dict__  # not self.metrics: unset while unpickling or copying
+        if name in fields.get("metrics", {}):
+            return fields["metrics"][name]
+        if name == fields.get("breakdown_name"):
+            return fields["breakdown"]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat: the metrics are top-level keys, the rows sit under ``breakdown_name``."""
+        return {"checkpoint": self.checkpoint, "split": self.split, "task": self.task,
+                **self.metrics, "primary_metric": self.primary_metric,
+                "higher_is_better": self.higher_is_better, "samples": self.samples,
+                self.breakdown_name: self.breakdown, "data": self.data}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "val",
                         batch_size: int = 64, workers: int = 2, device: str = "auto",
                         amp: str = "off", img_size: int | None = None,
-                        strict: bool = False, impl: str = "fast") -> EvalResult:
-    """Loss, top-1, top-5 and per-class accuracy of a checkpoint on one split.
-    Unreadable images are skipped and reported in ``data`` (``strict``: an error)."""
-    from .data import create_transform, open_split, resolve_data_config
-    from .task import ClassificationTask, model_num_classes
+                        strict: bool = False, impl: str = "fast",
+                        task: str | None = None) -> EvalResult:
+    """Loss, the task's metrics and its breakdown (per-class accuracy for classification)
+    of a checkpoint on one split.
+
+    The task is ``task`` (a ``--task`` string), else the one the checkpoint was
+    fine-tuned with, else classification. Unreadable images are skipped and reported in
+    ``data`` (``strict``: an error).
+    """
+    from .loaders import create_transform, resolve_data_config
 
     loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta
     set_gate_impl(model, impl)
     dev = distributed.device_for(device)
+    spec, scorer = _task_for(checkpoint, meta, task)
     cfg = resolve_data_config(meta.data, model, img_size=img_size)
+    if isinstance(scorer, ClassificationTask):
+        dataset = _classification_split(scorer, model, meta, data, split,
+                                        create_transform(cfg, training=False), strict)
+    else:
+        dataset = _task_split(scorer, spec, data, split, cfg)
+        if callable(getattr(scorer, "check_model", None)):
+            scorer.check_model(model)
+    report = getattr(dataset, "report", None)
+    report = report if isinstance(report, DataReport) else DataReport()
+    if strict:
+        check_strict(report)
+    model.to(dev)
+    r = evaluate(model, dataset, scorer, dev, amp=amp, batch_size=batch_size, workers=workers,
+                 report=report, strict=strict, breakdown=True)
+    return EvalResult(
+        str(checkpoint), split, spec,
+        metrics={"loss": r["loss"], **{k: r[k] for k in scorer.metric_names}},
+        primary_metric=scorer.primary_metric, higher_is_better=scorer.higher_is_better,
+        samples=r["samples"], breakdown=r.get("breakdown", []),
+        breakdown_name=getattr(scorer, "breakdown_name", "breakdown"),
+        breakdown_title=getattr(scorer, "breakdown_title", "breakdown"), data=report.to_dict())
+
+
+def recorded_task(meta: CheckpointMeta, where: str = "checkpoint") -> str | None:
+    """The ``--task`` the checkpoint was last fine-tuned with (its last ``recipe``
+    event), or None for classification.
+
+    A checkpoint is untrusted data and a task is code that gets imported, so the spec
+    must pass the same check as a recorded model factory: the user's own code only.
+    """
+    from ..io.source_rules import check_recorded_source
+    from ..io.sources import parse_source
+
+    recipes = [e for e in meta.history if isinstance(e, dict) and e.get("action") == "recipe"]
+    config = recipes[-1].get("config") if recipes else None
+    spec = config.get("task") if isinstance(config, dict) else None
+    if spec is None or spec == "classification":
+        return None
+    if not isinstance(spec, str) or parse_source(spec)[0] != "factory":
+        raise TaskError(f"{where}: the recorded task {spec!r:.80} is not a module:object name; "
+                        "pass --task to name the task yourself")
+    try:
+        check_recorded_source({"spec": spec}, where)
+    except UserError as e:
+        raise TaskError(f"{e}; pass --task to name the task yourself") from None
+    return spec
+
+
+def _task_for(checkpoint: str | Path, meta: CheckpointMeta, requested: str | None) -> tuple[str, Task]:
+    """The task's name and the task: ``requested``, else the recorded one, else
+    classification."""
+    if requested is not None:
+        return requested, load_task(requested)
+    spec = recorded_task(meta, str(checkpoint))
+    if spec is None:
+        return "classification", load_task(None)
+    try:
+        return spec, load_task(spec)
+    except TaskError as e:
+        raise TaskError(f"{checkpoint} was fine-tuned with a task that cannot be loaded here "
+                        f"({e}); pass --task module:object") from None
+
+
+def _classification_split(task: ClassificationTask, model: nn.Module, meta: CheckpointMeta,
+                          data: str | Path, split: str, transform, strict: bool):
+    """The split with the checkpoint's class names as labels, refused when it has more
+    classes than the model predicts."""
     names = meta.data.get("class_names")
     class_to_idx = {c: i for i, c in enumerate(names)} if names else None
-    dataset = open_split(data, split, transform=create_transform(cfg, training=False),
-                         class_to_idx=class_to_idx, strict=strict)
-    report = dataset.report
+    dataset = open_split(data, split, transform=transform, class_to_idx=class_to_idx, strict=strict)
     classes = names or dataset.classes
     n_out = model_num_classes(model)
     if n_out is not None and n_out < len(classes):
         raise UserError(f"{split} has {len(classes)} classes but the model predicts {n_out}; "
                         "is this the data it was fine-tuned on?")
-    task = ClassificationTask()
-    model.to(dev)
-    r = evaluate(model, dataset, task, dev, amp=amp, batch_size=batch_size, workers=workers,
-                 per_class=max(len(classes), n_out or 0), report=report, strict=strict)
-    rows = [{"class": c, "images": r["per_class_count"][i],
-             "top1": 100.0 * r["per_class_correct"][i] / r["per_class_count"][i] if r["per_class_count"][i] else float("nan")}
-            for i, c in enumerate(classes)]
-    return EvalResult(str(checkpoint), split, r["loss"], r["top1"], r["top5"], r["samples"], rows,
-                      report.to_dict())
+    task.class_names = list(classes)
+    return dataset
+
+
+def _task_split(task: Task, spec: str, data: str | Path, split: str, cfg: dict):
+    """A ``--task`` gives a train and a val dataset; the split picks one (no augmentation)."""
+    if split not in ("train", "val", "validation"):
+        raise UserError(f"--task {spec} gives train and val datasets only; "
+                        "pass --split val or --split train")
+    train, val = task.datasets(Path(data), cfg, augment=False)
+    return train if split == "train" else val

@@ -107,7 +107,7 @@ def recipe_from_dict(doc: Any, *, source: str = "recipe") -> Recipe:
         merged = {**defaults, **entry}
         merged.setdefault("name", merged.get("kind", f"stage{i}"))
         if "kind" not in merged:
-            raise RecipeError(f"{where} ({merged['name']!r}) has no kind; use kind = \"gates\" or \"full\"")
+            raise RecipeError(f"{where} ({merged['name']!r}) has no kind; use kind = \"gates\", \"head\" or \"full\"")
         if merged["name"] in names:
             raise RecipeError(f"{where}: stage name {merged['name']!r} is used twice")
         names.add(merged["name"])

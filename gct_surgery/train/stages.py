@@ -1,7 +1,7 @@
 """Stages as data: what trains, whether BatchNorm statistics are frozen, and the
 optimizer settings of each parameter group.
 
-Two kinds of stage, after the protocol practitioners use on pretrained models:
+Three kinds of stage, after the protocols practitioners use on pretrained models:
 
 ``gates``
     Only the gate parameters train; every other tensor, BatchNorm running
@@ -9,6 +9,11 @@ Two kinds of stage, after the protocol practitioners use on pretrained models:
     ``model.train()`` runs each epoch (``requires_grad=False`` alone does not stop
     running statistics from drifting). Options: train the classifier head (needed
     when it was replaced for a new class count) and the BN affine parameters.
+``head``
+    Only the classifier head trains ("linear probe"): gates and base stay frozen,
+    BatchNorm statistics included, as in a gates stage. A head-then-full recipe is
+    the control that separates the protocol's effect from the gates' (GCT-NOTES).
+    ``train_bn`` adds the BN affine parameters.
 ``full``
     Everything trains; the base at a lower learning rate than the gates.
 
@@ -26,10 +31,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..core.gate import GCT
+from ..core.heads import head_parameters
+from ..errors import UserError
 
-STAGE_KINDS = ("gates", "full")
+STAGE_KINDS = ("gates", "head", "full")
+FROZEN_BASE_KINDS = ("gates", "head")  # the base's weights and BN statistics stay put
 DEFAULT_BASE_LR_SCALE = 0.1  # full stage: base lr = gate lr x this, unless base_lr is set
 
 
@@ -40,13 +47,13 @@ class Stage:
     name: str
     kind: str
     epochs: int = 1
-    lr: float = 1e-3                  # gates (and, in a gates stage, the head)
+    lr: float = 1e-3                  # gates, and the head in a gates or head stage
     base_lr: float | None = None      # full stage: the base; None = lr x 0.1
     weight_decay: float = 0.01        # base weights with more than one dim
     gate_weight_decay: float = 0.01   # gate alpha and gamma; beta never decays
     train_head: bool = False          # gates stage: the classifier head trains too
-    train_bn: bool = False            # gates stage: BN affine (weight, bias) train too
-    freeze_bn: bool | None = None     # BN running stats frozen; None = True for gates
+    train_bn: bool = False            # gates, head stage: BN affine (weight, bias) train too
+    freeze_bn: bool | None = None     # BN running stats frozen; None = True for gates, head
     opt: str = "adamw"                # any timm optimizer name
     sched: str = "cosine"             # any timm scheduler name
     warmup: float = 0.1               # fraction of the stage's steps spent warming up
@@ -70,7 +77,7 @@ class Stage:
 
     @property
     def bn_frozen(self) -> bool:
-        return self.kind == "gates" if self.freeze_bn is None else self.freeze_bn
+        return self.kind in FROZEN_BASE_KINDS if self.freeze_bn is None else self.freeze_bn
 
     @property
     def effective_base_lr(self) -> float:
@@ -102,56 +109,38 @@ def gate_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
     return betas, others
 
 
-def classifier_name(model: nn.Module) -> str | None:
-    """The head's module name: timm's ``get_classifier()``, else the last Linear."""
-    from ..io.sources import _classifier_prefix
-
-    return _classifier_prefix(model)
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    name = classifier_name(model)
-    return list(model.get_submodule(name).parameters()) if name else []
-
-
 def bn_modules(model: nn.Module) -> list[nn.Module]:
     """Norm layers with running statistics (BatchNorm 1/2/3d, timm's BatchNormAct2d...)."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    """A new classifier for ``num_classes``: timm's ``reset_classifier`` when the model
-    has one, else the last Linear replaced by a fresh one."""
-    if callable(getattr(model, "reset_classifier", None)):
-        model.reset_classifier(num_classes)
-        return
-    name = classifier_name(model)
-    if name is None:
-        raise UserError("--num-classes: the model has no classifier head to replace (no Linear layer)")
-    old = model.get_submodule(name)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
-                                    device=old.weight.device, dtype=old.weight.dtype))
-
-
 # --- freezing ---------------------------------------------------------------------
 
-def freeze_for_stage(model: nn.Module, stage: Stage) -> int:
-    """Set ``requires_grad`` for the stage and return how many parameters train."""
+def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = False) -> int:
+    """Set ``requires_grad`` for the stage and return how many parameters train.
+
+    ``allow_empty``: a control run (gates removed) may have a stage with nothing to
+    train, which then leaves the model as it is; anywhere else that is a mistake."""
     if stage.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        betas, others = gate_parameters(model)
-        trainable = {id(p) for p in betas + others}
-        if stage.train_head:
+        trainable: set[int] = set()
+        if stage.kind == "gates":
+            betas, others = gate_parameters(model)
+            trainable |= {id(p) for p in betas + others}
+        if stage.kind == "head" or stage.train_head:
             trainable |= {id(p) for p in head_parameters(model)}
         if stage.train_bn:
             trainable |= {id(p) for m in bn_modules(model) for p in m.parameters(recurse=False)}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0 and allow_empty:
+        return 0
+    if n == 0 and stage.kind == "head":
+        raise UserError(f"stage {stage.name!r} has nothing to train: the model has no classifier "
+                        "head (no Linear layer); use a 'gates' or 'full' stage")
     if n == 0:
         raise UserError(f"stage {stage.name!r} has nothing to train: the model has no gates "
                         "(train_head or a 'full' stage would give it something)")
@@ -177,7 +166,8 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     betas, others = gate_parameters(model)
     gate_ids = {id(p) for p in betas + others}
     head_ids = {id(p) for p in head_parameters(model)}
-    base_lr = stage.lr if stage.kind == "gates" else stage.effective_base_lr
+    frozen_base = stage.kind in FROZEN_BASE_KINDS
+    base_lr = stage.lr if frozen_base else stage.effective_base_lr
     groups: dict[str, dict] = {
         "gate_beta": dict(params=list(betas), lr=stage.lr, weight_decay=0.0),
         "gate_alpha_gamma": dict(params=list(others), lr=stage.lr, weight_decay=stage.gate_weight_decay),
@@ -189,8 +179,8 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     for p in model.parameters():
         if id(p) in gate_ids:
             continue
-        # In a gates stage the head (when it trains) is new or adapting: the gate lr.
-        prefix = "head" if stage.kind == "gates" and id(p) in head_ids else "base"
+        # In a gates or head stage the head (when it trains) is new or adapting: stage lr.
+        prefix = "head" if frozen_base and id(p) in head_ids else "base"
         groups[f"{prefix}_{'decay' if p.ndim > 1 else 'no_decay'}"]["params"].append(p)
     out = []
     for name, g in groups.items():
@@ -210,3 +200,14 @@ def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
                                    param_group_fn=lambda m: param_groups(m, stage))
     except (ValueError, AssertionError) as e:
         raise UserError(f"stage {stage.name!r}: optimizer {stage.opt!r}: {e}") from None
+
+
+def make_scheduler(optimizer, stage: Stage, steps_per_epoch: int):
+    """timm's scheduler stepped per update: linear warm-up, then cosine (by default)."""
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=stage.sched, num_epochs=stage.epochs,
+        warmup_epochs=stage.warmup * stage.epochs, warmup_lr=1e-6 if stage.warmup else 0.0,
+        min_lr=stage.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return scheduler

@@ -1,7 +1,8 @@
 """What a training task provides, so that one loop serves any model.
 
-The loop in ``train.py`` knows nothing about classification: it asks a ``Task`` for
-the datasets, the loss and the metrics. ``ClassificationTask`` is the built-in one.
+The training loop and evaluation know nothing about classification: they ask a
+``Task`` for the datasets, the loss and the metrics. ``ClassificationTask`` is the
+built-in one.
 Another kind of model (U^2-Net for saliency, a segmenter, a detector) passes
 ``--task module:object`` (or ``path/to/file.py:object``) naming a class, a factory or
 an instance that has these members::
@@ -25,6 +26,12 @@ batches and ranks and divides by the sample count, so the numbers are exact unde
 torchrun. Optional: ``check_model(model)`` (raise a ``UserError`` when the model does
 not fit the data), ``class_names`` (stored in the checkpoint), ``batch_size(target)``
 (samples in a batch; default ``len(target)``).
+
+Optional, for ``gct-surgery eval``'s table: ``breakdown_sums(output, target)`` returns
+fixed-shape tensors (per-class counts, say) that evaluation sums over batches and
+ranks, and ``breakdown(sums)`` turns the totals into rows (dicts with the same keys).
+``breakdown_name`` names the rows in ``--json`` and ``breakdown_title`` heads the
+table. ``ClassificationTask`` gives the per-class accuracy this way.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..core.heads import classifier_name, model_num_classes
 from ..errors import UserError
 
 
@@ -55,19 +63,36 @@ class Task(Protocol):
     def metric_sums(self, output: Any, target: Any) -> dict[str, float]: ...
 
 
+class Breakdown(Protocol):
+    """The optional per-group table of a task (per class, per size bucket...).
+    ``breakdown_name`` and ``breakdown_title`` are optional too."""
+
+    def breakdown_sums(self, output: Any, target: Any) -> dict[str, torch.Tensor]: ...
+
+    def breakdown(self, sums: dict[str, torch.Tensor]) -> list[dict]: ...
+
+
+def has_breakdown(task: Any) -> bool:
+    return all(callable(getattr(task, m, None)) for m in ("breakdown_sums", "breakdown"))
+
+
 class ClassificationTask:
-    """Image classification on an image folder: cross-entropy, top-1 and top-5 (%)."""
+    """Image classification on an image folder: cross-entropy, top-1 and top-5 (%), and
+    per-class top-1 as its breakdown."""
 
     metric_names = ("top1", "top5")
     primary_metric = "top1"
     higher_is_better = True
+    breakdown_name = "per_class"
+    breakdown_title = "per-class accuracy"
 
     def __init__(self) -> None:
         self.class_names: list[str] | None = None
         self._loss = nn.CrossEntropyLoss()
 
     def datasets(self, data_dir: Path, data_config: dict, *, augment: bool) -> tuple[Dataset, Dataset]:
-        from .data import create_transform, open_split
+        from .images import open_split
+        from .loaders import create_transform
 
         train = open_split(data_dir, "train", transform=create_transform(data_config, training=True, augment=augment))
         val = open_split(data_dir, "val", transform=create_transform(data_config, training=False),
@@ -76,8 +101,6 @@ class ClassificationTask:
         return train, val
 
     def check_model(self, model: nn.Module) -> None:
-        from .stages import classifier_name
-
         n_out = model_num_classes(model)
         if self.class_names is not None and n_out is not None and n_out != len(self.class_names):
             raise UserError(f"the data has {len(self.class_names)} classes and the model's head "
@@ -85,25 +108,39 @@ class ClassificationTask:
                             f"{len(self.class_names)} to replace the head")
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss(output.float(), target)
+        return self._loss(logits(output), target)
 
     def metric_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         from timm.utils import accuracy
 
-        top1, top5 = accuracy(output.float(), target, topk=(1, 5))  # percent of the batch
+        top1, top5 = accuracy(logits(output), target, topk=(1, 5))  # percent of the batch
         n = target.size(0)
         return {"top1": top1.item() * n, "top5": top5.item() * n}
 
+    def breakdown_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = logits(output)
+        size = max(out.shape[1], len(self.class_names or ()))  # the same every batch
+        hit = out.argmax(1) == target
+        return {"images": torch.bincount(target, minlength=size),
+                "correct": torch.bincount(target[hit], minlength=size)}
 
-def model_num_classes(model: nn.Module) -> int | None:
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int):
-        return n
-    from .stages import classifier_name
+    def breakdown(self, sums: dict[str, torch.Tensor]) -> list[dict]:
+        """One row per class: its images and its top-1 (%; NaN for a class without any)."""
+        images, correct = sums["images"].tolist(), sums["correct"].tolist()
+        names = self.class_names or [str(i) for i in range(len(images))]
+        return [{"class": c, "images": int(n), "top1": 100.0 * k / n if n else float("nan")}
+                for c, n, k in zip(names, images, correct)]
 
-    name = classifier_name(model)
-    head = model.get_submodule(name) if name else None
-    return getattr(head, "out_features", None)
+
+def logits(output: Any) -> torch.Tensor:
+    """A classifier's output as float (N, classes) logits; anything else is a user error:
+    a segmenter or saliency model needs its own ``--task``."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 2:
+        shape = (f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor)
+                 else f"a {type(output).__name__}")
+        raise UserError(f"the model's output is {shape}, not (N, classes) logits: it is not "
+                        "a classifier; pass --task module:object naming the task that scores it")
+    return output.float()
 
 
 def load_task(spec: str | None) -> Task:

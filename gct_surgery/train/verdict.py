@@ -8,6 +8,11 @@ no seed-to-seed spread to measure; for an accuracy in percent the interval is th
 binomial uncertainty of the two validation accuracies (sqrt(p(1-p)/n) each), which
 leaves out the seed-to-seed spread and so is too narrow, not too wide: the text says to
 run more seeds. Other metrics get no interval from one seed.
+
+Seeds share one validation set, so their spread says nothing about how well that set
+stands for new images; with a few seeds that happen to agree, the t interval can be
+narrower than the set can resolve (zero wide when the differences are equal). For an
+accuracy the interval is therefore never narrower than that binomial uncertainty.
 """
 from __future__ import annotations
 
@@ -61,15 +66,21 @@ def paired_verdict(gct: list[float], control: list[float], *, metric: str,
     diffs = tuple(float(a) - float(b) for a, b in zip(gct, control))
     n = len(diffs)
     mean = sum(diffs) / n
+    # The validation set's own resolution: two accuracies on `samples` images.
+    binomial = None
+    if percent and samples:
+        p1, p2 = (min(max(sum(v) / n / 100.0, 0.0), 1.0) for v in (gct, control))
+        binomial = 100.0 * _Z95 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / samples)
     ci: tuple[float, float] | None = None
     if n >= 2:
         sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
         half = t95(n - 1) * sd / math.sqrt(n)
-        ci, method = (mean - half, mean + half), f"Student t over {n} paired seeds"
-    elif percent and samples:
-        p1, p2 = (min(max(v / 100.0, 0.0), 1.0) for v in (gct[0], control[0]))
-        half = 100.0 * _Z95 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / samples)
-        ci, method = (mean - half, mean + half), f"binomial, one seed, {samples} images"
+        method = f"Student t over {n} paired seeds"
+        if binomial is not None and binomial > half:
+            half, method = binomial, method + f" (floored at the binomial uncertainty of {samples} images)"
+        ci = (mean - half, mean + half)
+    elif binomial is not None:
+        ci, method = (mean - binomial, mean + binomial), f"binomial, one seed, {samples} images"
     else:
         method = "none: one seed"
     text = _sentence(metric, higher_is_better, n, mean, ci)

@@ -1,5 +1,5 @@
-"""Image-classification folders, read with timm's dataset and transforms, and hardened
-against the files real folders hold.
+"""Image-classification folders: scanning a split, reading one image, and counting the
+files real folders hold besides good images.
 
 The layout is the one timm and torchvision read::
 
@@ -21,32 +21,22 @@ Broken data never stops a run (see docs/reliability.md):
 - images of every mode become RGB correctly (``to_rgb``): 16-bit grey is scaled,
   not clipped; transparency is composited over white; CMYK is converted.
 
-The count works with DataLoader worker processes: every sample carries the bad files
-it replaced, the collate function passes them along with the batch, and the loader
-(``ReportingLoader``) adds them to a ``DataReport`` in the main process.
-
-Transforms come from ``resolve_data_config`` and ``create_transform``, fed by the
-input size and normalisation the checkpoint records. Sampling uses
-``DistributedSampler`` in every case (one replica without torchrun): its order depends
-only on ``seed + epoch``, so a resumed run, a single process and N torchrun processes
-all see the same global batches.
+Batching these samples, and carrying the count home from worker processes, is
+``loaders``' job.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
 from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.reader import Reader
 from timm.utils.misc import natural_key
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import DataError
 
@@ -280,8 +270,9 @@ class _Samples(Reader):
         self.samples = samples
 
     def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        return open(path, "rb"), target
+        # A path, not an open file: PIL opens it and closes it once decoded. (Our
+        # dataset reads through ``read_image``; this serves timm's own __getitem__.)
+        return self.samples[index]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -388,167 +379,3 @@ def check_strict(report: DataReport) -> None:
 def strict_error(path: str, reason: str) -> BadImageError:
     return BadImageError(f"{path}: {reason} (--strict stops at the first bad file; "
                          "without it, bad files are skipped and counted)")
-
-
-# --- transforms ----------------------------------------------------------------------
-
-def resolve_data_config(recorded: dict, model: torch.nn.Module | None = None,
-                        img_size: int | None = None) -> dict:
-    """timm's data config from what the checkpoint records, with ``img_size`` overriding
-    the spatial size (e.g. 32 px for a quick run on small images)."""
-    from timm.data import resolve_data_config as timm_resolve
-
-    args: dict[str, Any] = {k: recorded[k] for k in
-                            ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
-                            if recorded.get(k) is not None}
-    if "input_size" in args:
-        args["input_size"] = tuple(args["input_size"])
-    if img_size is not None:
-        channels = args.get("input_size", (3,))[0]
-        args["input_size"] = (channels, img_size, img_size)
-    cfg = timm_resolve(args, model=model)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
-def create_transform(cfg: dict, *, training: bool, augment: bool = True):
-    """timm's train or eval transform for a resolved data config."""
-    from timm.data import create_transform as timm_transform
-
-    return timm_transform(
-        input_size=tuple(cfg["input_size"]), is_training=training, no_aug=not augment,
-        interpolation=cfg.get("interpolation", "bilinear"), mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]), crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
-
-
-# --- loaders -------------------------------------------------------------------------
-
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start part-way through an epoch (after a resume)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(super().__len__() - self.skip, 0)
-
-
-class _Reported(Dataset):
-    """Items ``(sample, skipped)``: what ``ImageFolderDataset.load`` gives, and for any
-    other dataset (a ``--task``'s) the sample with nothing skipped.
-
-    Training replaces a bad sample by the next readable one (every batch keeps its
-    size, so every rank and a resumed run step alike); evaluation drops it (a duplicate
-    would bias the metrics)."""
-
-    def __init__(self, dataset: Dataset, indices: range | None = None, *, replace: bool = True) -> None:
-        self.dataset = dataset
-        self.indices = indices
-        self.replace = replace
-
-    def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else len(self.dataset)
-
-    def __getitem__(self, i: int):
-        j = self.indices[i] if self.indices is not None else i
-        load = getattr(self.dataset, "load", None)
-        return load(j, replace=self.replace) if load is not None else (self.dataset[j], [])
-
-
-def collate_reported(items: list) -> tuple[Any, list[tuple[str, str]]]:
-    """torch's default collate of the samples, and the bad files, passed alongside
-    (this runs in the worker process; the batch carries the count home)."""
-    from torch.utils.data import default_collate
-
-    skipped = [s for _, sk in items for s in sk]
-    samples = [sample for sample, _ in items if sample is not None]
-    return (default_collate(samples) if samples else None), skipped
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _worker_init(worker_id: int) -> None:
-    """Workers leave SIGINT and SIGTERM to the main process, which saves a resumable
-    state and then shuts them down. Ctrl-C and preemption reach the whole process
-    group, and a worker killed by the signal crashes the main process ("DataLoader
-    worker ... exited unexpectedly") before it can save. Forked workers (Linux's
-    default) inherit the main process's handler anyway; spawned and forkserver ones
-    (macOS, Python 3.14) do not, and are covered from here on."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
-class ReportingLoader(DataLoader):
-    """A DataLoader whose batches arrive with the bad files they skipped: it yields the
-    batch alone, counts the files into ``report`` and, under ``strict``, raises at the
-    first one. ``on_bad(path, reason)`` hears of each new bad file."""
-
-    def __init__(self, *args, report: DataReport | None = None, strict: bool = False,
-                 on_bad: Callable[[str, str], None] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.report = report if report is not None else DataReport()
-        self.strict = strict
-        self.on_bad = on_bad
-
-    def __iter__(self):
-        yielded, tried = False, []
-        for batch, skipped in super().__iter__():
-            if skipped:
-                if self.strict:
-                    raise strict_error(*skipped[0])
-                for path, reason in self.report.add_skipped(skipped):
-                    _logger.info("skipped %s: %s", path, reason)  # the CLI warns through on_bad
-                    if self.on_bad is not None:
-                        self.on_bad(path, reason)
-            if batch is None:
-                if self.dataset.replace:  # training: no file of the split is readable
-                    raise self._nothing_readable(skipped)
-                tried += skipped
-                continue
-            yielded = True
-            yield batch
-        if tried and not yielded:
-            raise self._nothing_readable(tried)
-
-    def _nothing_readable(self, skipped: list[tuple[str, str]]) -> DataError:
-        reader = getattr(self.dataset.dataset, "reader", None)
-        return no_readable_image(getattr(reader, "root", "the split"), skipped)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, training: bool, seed: int = 0,
-                workers: int = 0, rank: int = 0, world_size: int = 1,
-                pin_memory: bool = False, report: DataReport | None = None,
-                strict: bool = False, on_bad: Callable[[str, str], None] | None = None) -> ReportingLoader:
-    """A loader over this rank's share. ``batch_size`` is per rank.
-
-    Training: shuffled by ``seed + epoch`` (call ``loader.sampler.set_epoch``), last
-    partial batch dropped so every step has the same global batch. Evaluation: a
-    plain strided shard per rank with no padding, so summed metrics are exact. Bad
-    files are counted into ``report`` (or fail the run under ``strict``).
-    """
-    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate_reported,
-                  worker_init_fn=_worker_init if workers else None, report=report,
-                  strict=strict, on_bad=on_bad)
-    if training:
-        items = _Reported(dataset)
-        sampler = ResumableSampler(items, num_replicas=world_size, rank=rank, shuffle=True,
-                                   seed=seed, drop_last=True)
-        # Its own generator: creating an iterator never draws from the global RNG, and
-        # worker seeds depend only on (seed, epoch); see ``start_epoch``.
-        return ReportingLoader(items, batch_size=batch_size, sampler=sampler, drop_last=True,
-                               generator=torch.Generator().manual_seed(seed), **common)
-    shard = None if world_size == 1 else range(rank, len(dataset), world_size)
-    return ReportingLoader(_Reported(dataset, shard, replace=False), batch_size=batch_size,
-                           shuffle=False, **common)
-
-
-def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Set the epoch's order, and skip the batches a resumed run has already done."""
-    sampler = loader.sampler
-    sampler.set_epoch(epoch)
-    sampler.skip = skip_batches * loader.batch_size
-    loader.generator.manual_seed(sampler.seed * 100_003 + epoch)

@@ -1,0 +1,159 @@
+"""The honest comparison: did the gates help, by how much, and how sure is that?
+
+For every seed, two runs of the *same* recipe from the same checkpoint:
+
+``gct``
+    the gated model, as ``finetune`` trains it;
+``control``
+    the same model with its gates removed (which is what gates held at identity
+    compute, bit for bit): the same stages in the same order, the same head
+    handling (a new head trains at the same learning rate in the same stages), the
+    same BatchNorm handling, the same data order and augmentation. In every stage it
+    trains exactly the GCT run's parameters minus the gate parameters; a stage left
+    with nothing to train (a gates stage without a new head) changes nothing and its
+    rows repeat the model's metrics.
+
+GCT minus control, paired by seed, answers "did the gates help" (``verdict.py``).
+Optionally a third run, ``plain``: one full stage of every parameter for the recipe's
+total epochs, without gates: the fine-tune a user would otherwise run. GCT minus
+plain measures the staged protocol *and* the gates together.
+
+The verdict compares the final epoch of each run (no selection on the validation set,
+which would favour whichever run had more epochs to pick from); the best epochs are
+reported too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..core.surgery import remove
+from ..errors import UserError
+from ..io.checkpoint import load_checkpoint
+from .config import RunResult, TrainConfig
+from .faults import RunError
+from .loop import finetune, log_event, run_recipe
+from .progress import STATE_FILE
+from .recipe import Recipe
+from .run import Event
+from .stages import Stage
+from .verdict import Verdict, paired_verdict
+
+PERCENT_METRICS = ("top1", "top5")  # accuracies in %: one seed gets a binomial interval
+
+
+def finetune_control(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *,
+                     on_event: Event | None = None) -> RunResult:
+    """``recipe`` on the checkpoint's model with its gates removed (what gates at
+    identity compute): a comparison's control, or with a plain recipe its reference."""
+    out = Path(config.out)
+    if (out / STATE_FILE).exists():
+        raise RunError(f"{out} already holds a run; choose another --out")
+    loaded = load_checkpoint(checkpoint)
+    remove(loaded.model)
+    arm = config.arm if config.arm != "gct" else "control"
+    meta = replace(loaded.meta, gate={}, gated=[]).with_event("remove_gates", arm=arm)
+    return run_recipe(loaded.model, meta, recipe, replace(config, arm=arm), on_event or log_event,
+                      state=None, source=f"{checkpoint} (gates removed: {arm})")
+
+
+def plain_recipe(recipe: Recipe) -> Recipe:
+    """One full stage for the recipe's total epochs, with its (last) full stage's
+    settings: every parameter, the base at its learning rate."""
+    full = next((s for s in reversed(recipe.stages) if s.kind == "full"), None) or Stage("plain", "full")
+    epochs = sum(s.epochs for s in recipe.stages)
+    stage = replace(full, name="plain", kind="full", epochs=epochs, train_head=False,
+                    train_bn=False, freeze_bn=None, base_lr=full.effective_base_lr)
+    return Recipe((stage,), f"{recipe.source} (plain: one full stage of {epochs} epochs)")
+
+
+@dataclass
+class SeedRuns:
+    seed: int
+    gct: RunResult
+    control: RunResult
+    plain: RunResult | None = None
+
+    def to_dict(self) -> dict:
+        d = {"seed": self.seed, "gct": _arm(self.gct), "control": _arm(self.control)}
+        if self.plain is not None:
+            d["plain"] = _arm(self.plain)
+        return d
+
+
+def _arm(r: RunResult) -> dict:
+    return {"run_dir": str(r.run_dir), "stages": r.stages, "best": r.best, "final": r.last,
+            "seconds": round(r.seconds, 3), "params": r.params, "gate_params": r.gate_params}
+
+
+@dataclass
+class Comparison:
+    out: Path
+    runs: list[SeedRuns]
+    verdict: Verdict
+    plain_verdict: Verdict | None
+    metric: str
+
+    def to_dict(self) -> dict:
+        d = {"out": str(self.out), "compared": "final epoch", "metric": self.metric,
+             "verdict": self.verdict.to_dict(), "runs": [r.to_dict() for r in self.runs]}
+        if self.plain_verdict is not None:
+            d["plain_verdict"] = self.plain_verdict.to_dict()
+        return d
+
+
+def final_score(r: RunResult) -> float:
+    return float((r.last or {})[r.primary_metric])
+
+
+def _verdict(gct: list[RunResult], other: list[RunResult], what: str) -> Verdict:
+    first = gct[0]
+    v = paired_verdict([final_score(r) for r in gct], [final_score(r) for r in other],
+                       metric=first.primary_metric, higher_is_better=first.higher_is_better,
+                       samples=first.val_samples, percent=first.primary_metric in PERCENT_METRICS)
+    if what == "plain":
+        v = replace(v, text=v.text.replace("the same protocol without gates",
+                                           "a plain full fine-tune without gates"))
+    return v
+
+
+def compare(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *, seeds: int = 1,
+            plain: bool = False, on_event: Event | None = None) -> Comparison:
+    """GCT and its control (and the plain reference) for ``seeds`` seeds, then the verdict.
+
+    Runs go to ``OUT/seed-S/{gct,control,plain}``; ``OUT/comparison.json`` and
+    ``OUT/comparison.png`` hold the verdict and the curves.
+    """
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    out = Path(config.out)
+    results: list[SeedRuns] = []
+    for i in range(seeds):
+        seed = config.seed + i
+        folder = out / f"seed-{seed}"
+        def arm_config(arm: str) -> TrainConfig:
+            return replace(config, seed=seed, out=str(folder / arm), arm=arm)
+
+        tag = _tagged(on_event, seed)
+        gct = finetune(checkpoint, recipe, arm_config("gct"), on_event=tag("gct"))
+        control = finetune_control(checkpoint, recipe, arm_config("control"), on_event=tag("control"))
+        reference = (finetune_control(checkpoint, plain_recipe(recipe), arm_config("plain"),
+                                      on_event=tag("plain")) if plain else None)
+        results.append(SeedRuns(seed, gct, control, reference))
+    verdict = _verdict([r.gct for r in results], [r.control for r in results], "control")
+    plain_verdict = (_verdict([r.gct for r in results], [r.plain for r in results], "plain")
+                     if plain else None)
+    comparison = Comparison(out, results, verdict, plain_verdict, results[0].gct.primary_metric)
+    from .outputs import write_comparison
+
+    write_comparison(comparison)
+    return comparison
+
+
+def _tagged(on_event, seed: int):
+    """Events of one arm, labelled with the arm and seed so a reporter can tell them apart."""
+    def for_arm(arm: str):
+        if on_event is None:
+            return None
+        return lambda event, info: on_event(event, {**info, "arm": arm, "seed": seed})
+    return for_arm

@@ -1,0 +1,95 @@
+"""What a fine-tuning run is asked to do (``TrainConfig``) and what it gives back
+(``RunResult``). Plain data: no torch, so the CLI can build and print them cheaply."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+AMP_MODES = ("off", "bf16", "fp16")
+ARMS = ("gct", "control", "plain")  # what a run is in a comparison (train/compare.py)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters shared by every stage (the stages carry their own lr, wd...)."""
+
+    data: str
+    out: str
+    batch_size: int = 32            # global, over all ranks
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    amp: str = "off"                # off | bf16 (CPU or CUDA) | fp16 (CUDA)
+    num_classes: int | None = None  # replace the head for a data set with another class count
+    img_size: int | None = None     # override the checkpoint's input size (square)
+    augment: bool = True            # timm's train augmentation (False: resize + center crop)
+    ema: bool = False               # ModelEmaV3; validation and best.safetensors use it
+    ema_decay: float | None = None  # None: suits the run's length (ema_decay_for)
+    save_every: int = 0             # also write the train state every N steps (0: per epoch)
+    task: str | None = None         # module:object, see task.py; None = classification
+    metrics_format: str = "csv"     # csv | jsonl
+    strict: bool = False            # stop at the first unreadable image instead of skipping it
+    skip_nonfinite: int = 0         # batches with a NaN/inf loss to skip before stopping
+    fast_frozen: bool = True        # gates stages: frozen.frozen_base (cheap frozen convs, BN folded)
+    impl: str = "fast"              # gate implementation: fast (fused) or reference (official ops)
+    arm: str = "gct"                # gct | control (gates removed) | plain: see compare.py
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise UserError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.metrics_format not in ("csv", "jsonl"):
+            raise UserError("metrics format is csv or jsonl")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise UserError("--num-classes must be at least 1")
+        if self.skip_nonfinite < 0:
+            raise UserError("--skip-nonfinite must be 0 or more")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay {self.ema_decay}: choose a number in [0, 1), e.g. 0.999")
+        if self.arm not in ARMS:
+            raise UserError(f"unknown run arm {self.arm!r}; one of {', '.join(ARMS)}")
+
+
+def ema_decay_for(config: TrainConfig, total_steps: int) -> float:
+    """``--ema-decay``, or one that suits the run: an averaging window of a tenth of
+    its updates (decay 1 - 10/steps), kept within [0.9, 0.9999]. timm's warm-up (decay
+    1 - (1 + step)^-3/4 while that is lower) lets the average follow the first steps."""
+    if config.ema_decay is not None:
+        return config.ema_decay
+    return min(0.9999, max(0.9, 1.0 - 10.0 / max(total_steps, 1)))
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: list[dict]
+    best: dict | None
+    seconds: float
+    params: int
+    gate_params: int
+    trainable_params: int  # the most any stage trained
+    interrupted: bool = False
+    data: dict = field(default_factory=dict)  # data.DataReport.to_dict(): bad files skipped...
+    nonfinite_skipped: int = 0                # batches skipped for a non-finite loss
+    metric_names: tuple[str, ...] = ()        # the task's metric columns (top1, top5; mae...)
+    primary_metric: str = ""                  # the one best.safetensors was chosen by
+    higher_is_better: bool = True             # for the primary metric
+    stages: list[dict] = field(default_factory=list)  # per stage: trainable params, gate movement
+    val_samples: int = 0                      # validation samples each row was measured on
+
+    @property
+    def last(self) -> dict | None:
+        return self.rows[-1] if self.rows else None
+
+    def to_dict(self) -> dict:
+        return {"run_dir": str(self.run_dir), "best": self.best, "last": self.last,
+                "seconds": round(self.seconds, 3), "params": self.params,
+                "gate_params": self.gate_params, "trainable_params": self.trainable_params,
+                "epochs": sum(1 for r in self.rows if r["epoch"] > 0), "interrupted": self.interrupted, "data": self.data,
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "metric_names": list(self.metric_names), "primary_metric": self.primary_metric,
+                "higher_is_better": self.higher_is_better, "stages": self.stages,
+                "val_samples": self.val_samples}
