@@ -18,6 +18,7 @@ _EXPORTS = {
     "InjectionReport": "core.surgery",
     "ModelSource": "io.sources", "build_model": "io.sources",
     "save": "io.checkpoint", "read_metadata": "io.checkpoint",
+    "freeze_base": "train.freezing", "unfreeze": "train.freezing", "param_groups": "train.freezing",
     "UserError": "errors",
 }
 
@@ -27,7 +28,8 @@ __all__ = sorted([*_EXPORTS, "load"])
 def load(path: str | os.PathLike | None = None, *, base=None, gates=None, allow_pickle: bool = False):
     """Load a gct-surgery checkpoint as a ready ``nn.Module`` (in eval mode).
 
-    ``load("model.safetensors")`` rebuilds the full model.
+    ``load("model.safetensors")`` rebuilds the full model; it carries its record, so
+    after training ``save(model, path)`` needs nothing more.
     ``load(base=..., gates="gates.safetensors")`` applies a gates-only file to its base
     (an ``nn.Module``, a SOURCE or a weights file; by default the recorded base) and
     refuses a base whose weights differ from the one the file was made from.

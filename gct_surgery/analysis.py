@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core.forward import evaluating
+from .core.forward import run_with_hooks
 from .core.movement import ACTIVE, foldable, gate_movement
 from .core.surgery import gates
 from .errors import DataError
@@ -141,13 +141,7 @@ def gate_values(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor
             found[name] = torch.cat([found.get(name, torch.empty(0, dtype=torch.float64)), g[xx > 0]])
         return record
 
-    handles = [g.register_forward_hook(hook(n)) for n, g in gates(model).items()]
-    try:
-        with evaluating(model):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, batch, [g.register_forward_hook(hook(n)) for n, g in gates(model).items()])
     return found
 
 
@@ -162,18 +156,18 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 def load_images(folder: str | os.PathLike, data_config: dict, limit: int = 32) -> torch.Tensor:
     """Up to ``limit`` images from ``folder`` (searched recursively), transformed as the
-    model expects (timm's eval transform for its data config)."""
-    from timm.data import create_transform
+    model expects (timm's eval transform for its recorded data config, with the same
+    warning as ``finetune`` and ``eval`` for what was not recorded)."""
     from timm.data.dataset import ImageDataset
+
+    from .train.loaders import create_transform, resolve_data_config
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"no such data folder: {folder}")
-    input_size = tuple(data_config.get("input_size") or (3, 224, 224))
-    keys = ("interpolation", "mean", "std", "crop_pct", "crop_mode")
-    transform = create_transform(input_size=input_size, is_training=False,
-                                 **{k: (tuple(v) if isinstance(v, list) else v)
-                                    for k, v in data_config.items() if k in keys})
+    cfg = resolve_data_config({"input_size": [3, 224, 224], **data_config})
+    input_size = tuple(cfg["input_size"])
+    transform = create_transform(cfg, training=False)
     try:
         dataset = ImageDataset(str(folder), input_img_mode="L" if input_size[0] == 1 else "RGB",
                                transform=transform)

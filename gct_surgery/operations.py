@@ -16,10 +16,11 @@ from .core.gate import GateConfig
 from .core.surgery import InjectionReport, inject
 from .core.targets import TargetSpec, find_functional_convs, select_targets
 from .errors import SourceError
-from .io.checkpoint import load_checkpoint, save
+from .io.checkpoint import RECORD_ATTR, load_checkpoint, save, with_data
 from .io.metadata import METADATA_KEY, CheckpointMeta
 from .io.safetensors_file import is_safetensors, read_header
-from .io.sources import ModelSource, build_model, parse_source
+from .io.source_rules import recordable
+from .io.sources import ModelSource, build_model, model_data_config, parse_source
 from .io.state_dicts import STATE_DICT_SUFFIXES
 
 
@@ -60,21 +61,12 @@ def open_model(
         if path.suffix not in STATE_DICT_SUFFIXES:
             raise SourceError(f"{path}: unknown checkpoint type {path.suffix!r} "
                               f"(expected one of {', '.join(STATE_DICT_SUFFIXES)})")
-        return _open(ModelSource(absolute_spec(arch), _kwargs(arch, num_classes, in_chans), weights=str(path)),
+        return _open(ModelSource(arch, _kwargs(arch, num_classes, in_chans), weights=str(path)),
                      allow_pickle)
     if arch is not None:
         raise SourceError("--arch is only for a state-dict file SOURCE")
-    return _open(ModelSource(absolute_spec(source), _kwargs(source, num_classes, in_chans), weights=weights,
+    return _open(ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
                              pretrained=pretrained), allow_pickle)
-
-
-def absolute_spec(spec: str) -> str:
-    """``file.py:factory`` with an absolute path, so a checkpoint loads from any folder."""
-    kind, location = parse_source(spec)
-    module_ref, _, attr = location.rpartition(":")
-    if kind == "factory" and module_ref.endswith(".py"):
-        return f"{Path(module_ref).resolve()}:{attr}"
-    return spec
 
 
 def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
@@ -91,27 +83,25 @@ def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
 
 def _open(source: ModelSource, allow_pickle: bool) -> tuple[nn.Module, CheckpointMeta]:
     model = build_model(source, allow_pickle=allow_pickle)
+    # recorded so it rebuilds from any folder: a file by its absolute path, a package
+    # with the folder it was imported from
+    source = recordable(source)
     meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[],
-                          data=data_config(model))
+                          data=model_data_config(model, source.kind))
     meta = meta.with_event("open", source=source.spec, kwargs=dict(source.kwargs),
                            weights=source.weights, pretrained=source.pretrained)
     return model, meta
 
 
-def data_config(model: nn.Module) -> dict:
-    """Input size and normalisation for a model: timm's pretrained config when it has
-    one, else ImageNet defaults with an input size guessed from the first conv."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if cfg:
-        from timm.data import resolve_data_config
+def data_config(model: nn.Module, kind: str | None = None) -> dict:
+    """Input size and normalisation as the model's source tells (``model_data_config``)."""
+    return model_data_config(model, kind)
 
-        resolved = resolve_data_config({}, model=model)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    channels = first.in_channels if first is not None else 3
-    dims = len(first.kernel_size) if first is not None else 2
-    spatial = {1: [256], 2: [224, 224], 3: [8, 112, 112]}[dims]
-    return {"input_size": [channels, *spatial]}
+
+def preprocessing_is_recorded(meta: CheckpointMeta) -> bool:
+    """True when the record holds a mean and std that nobody assumed."""
+    data = meta.data
+    return all(data.get(k) is not None and k not in data.get("assumed", []) for k in ("mean", "std"))
 
 
 @dataclass
@@ -138,36 +128,52 @@ def inject_model(
     output: str | Path | None = None,
     verify: bool = True,
     input_size: list[int] | None = None,
+    data: dict | None = None,
 ) -> InjectResult:
     """Inject gates, check that the output is unchanged, and save if ``output`` is set.
 
-    The new metadata is ``result.meta``; ``meta`` itself is frozen and stays as it was."""
+    The identity check's forward also finds the convs whose input is 1x1 spatially,
+    which the selection skips unless ``targets.keep_1x1`` (no check, no skipping).
+    ``data`` records the preprocessing (``mean``, ``std``, ``interpolation``,
+    ``crop_pct``) that finetune, eval, inspect and export use. The new metadata is
+    ``result.meta`` (the model carries it too); ``meta`` itself stays as it was."""
     if meta.gate and meta.gated and GateConfig(**meta.gate) != gate:
         raise SourceError(f"the model already has gates made with {meta.gate}; "
                           "use the same --mode/--eps/--after-relu or start from the base model")
-    x = example_input(input_size or meta.data.get("input_size")) if verify else None
+    # later commands run the model on the input size given here
+    if input_size or data:
+        meta = with_data(meta, {**(data or {}), "input_size": input_size})
+    x = example_input(meta.data.get("input_size")) if verify else None
     try:
         before = run_model(model, x) if verify else None
         functional = find_functional_convs(model, x) if verify else []
+        if verify and targets.names is None:
+            targets = targets.with_input_sizes(model, x)
     except (RuntimeError, ValueError, TypeError) as e:
         size = list(x.shape[1:]) if x is not None else None
         raise SourceError(f"the model does not run on a batch of size {size} "
                           f"({str(e).splitlines()[0][:160]}); pass --input-size C,H,W") from None
     report = inject(model, targets, gate)
     diff = max_difference(before, run_model(model, x)) if verify else float("nan")
-    # later commands run the model on the input size given here
-    data = {**meta.data, "input_size": list(input_size)} if input_size else meta.data
-    meta = replace(meta, data=data, gate=gate.__dict__.copy(), targets=targets.to_dict(),
-                   gated=report.gated)
+    meta = replace(meta, gate=gate.__dict__.copy(), targets=targets.to_dict(), gated=report.gated)
     meta = meta.with_event("inject", gates_added=report.gates_added, targets=targets.to_dict(),
                            gate=meta.gate, max_abs_diff=diff)
     if output is not None:
         save(model, output, meta)
+    setattr(model, RECORD_ATTR, meta)
     return InjectResult(report, diff, meta, Path(output) if output else None, functional)
 
 
-def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig) -> list[dict]:
-    """The dry run: one row per candidate convolution, with what would happen to it."""
+def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig,
+         input_size: list[int] | None = None) -> list[dict]:
+    """The dry run: one row per candidate convolution, with what would happen to it.
+    With ``input_size``, one forward finds the convs whose input is 1x1 spatially."""
+    if input_size and targets.names is None:
+        try:
+            targets = targets.with_input_sizes(model, example_input(input_size))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise SourceError(f"the model does not run on a batch of size {list(input_size)} "
+                              f"({str(e).splitlines()[0][:160]}); pass --input-size C,H,W") from None
     rows = []
     for t in select_targets(model, targets).targets:
         rows.append({

@@ -13,7 +13,7 @@ What each model goes through (``pretrained=False``, CPU, one thread)
        run at its default size instead;
     3. ``operations.inject_model``: gate every convolution, check the output is
        unchanged bit for bit, save a checkpoint;
-    4. ``checkpoint.load`` the file (rebuild + replay + strict load) and compare outputs.
+    4. ``gct_surgery.load`` the file (rebuild + replay + strict load) and compare outputs.
 
 Outcomes
     ``pass``, ``fail`` (our problem: injection raised, output changed, round trip
@@ -262,8 +262,9 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     import torch
     import timm
 
-    from gct_surgery.io.checkpoint import load
-    from gct_surgery.operations import inject_model, max_difference, run_model
+    from gct_surgery import load
+    from gct_surgery.core.forward import max_difference, run_model
+    from gct_surgery.operations import inject_model
     from gct_surgery.core.targets import is_conv
 
     row: dict = {"model": name}
@@ -335,7 +336,7 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def _open(name: str, kwargs: dict):
-    from gct_surgery.io.checkpoint import CheckpointMeta
+    from gct_surgery.io.metadata import CheckpointMeta
     from gct_surgery.operations import data_config
     from gct_surgery.io.sources import ModelSource, build_model
 
@@ -381,7 +382,7 @@ def _pick_input(model, meta, max_size: int):
     """The smallest input the base model accepts: capped size first, then its default."""
     import torch
 
-    from gct_surgery.operations import run_model
+    from gct_surgery.core.forward import run_model
 
     default = list(meta.data.get("input_size") or [3, 224, 224])
     capped = [default[0], *[min(s, max_size) for s in default[1:]]]

@@ -327,7 +327,7 @@ def check_file(path: Path, seeds: Seeds, out: Path) -> tuple[str, list[str]]:
     import gct_surgery
     from gct_surgery.cli import run
     from gct_surgery.errors import UserError
-    from gct_surgery.io.sources import load_state_dict_file
+    from gct_surgery.io.state_dicts import load_state_dict_file
 
     problems, loaded = [], False
     calls = [("gct_surgery.load", lambda: gct_surgery.load(path))]

@@ -43,7 +43,7 @@ def run(model, x):
 def test_resnet50_gates_only_is_tiny_and_exact(tmp_path):
     weights = base_file(tmp_path / "base.safetensors", "resnet50")
     src = tmp_path / "gated.safetensors"
-    model, _ = gated_checkpoint(src, weights, "resnet50", size=(3, 32, 32))
+    model, _ = gated_checkpoint(src, weights, "resnet50", size=(3, 64, 64))  # 32 px: 1x1 layer4 inputs
     out = tmp_path / "gates.safetensors"
     result = export(src, out, gates_only=True)  # base: the recorded weights file
     full_size = src.stat().st_size

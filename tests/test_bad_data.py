@@ -159,14 +159,14 @@ def test_bad_files_are_skipped_and_counted_across_workers(messy, workers, traini
         assert len(y) == 2 or not training  # training: a bad sample is replaced, not dropped
         images += len(y)
         labels += y.tolist()
-    # Training replaces each bad sample by the next readable one; evaluation drops it.
+    # Training replaces each bad sample by a readable one of its class; evaluation drops it.
     assert images == len(ds) - (0 if training else len(messy["decode_bad"]))
     assert names(report.bad) == messy["decode_bad"]  # counted in the main process
-    bad_at = [Path(p).name in messy["decode_bad"] for p, _ in ds.reader.samples]
-    # Each visit of a bad index passes over the run of bad files from it to the next good one.
-    passes = sum(next(k for k in range(len(bad_at)) if not bad_at[(i + k) % len(bad_at)])
-                 for i in range(len(bad_at)) if bad_at[i])
-    assert report.skipped == (passes if training else len(messy["decode_bad"]))
+    assert report.skipped == len(messy["decode_bad"])  # each bad index is drawn once an epoch
+    in_class = sum(1 for _, t in ds.reader.samples if t == 0)  # the bad files are all a_good's
+    assert labels.count(0) == in_class - (0 if training else len(messy["decode_bad"]))
+    # a_good: 4 bad of 9 files, far above the 5% at which a class is warned about
+    assert report.bad_share == {"a_good": [4, 9]}
     reasons = {Path(p).name: r for p, r in report.bad.items()}
     assert reasons["empty.png"] == "empty file (0 bytes)"
     assert reasons["cut.jpg"] == reasons["cut.png"] == "truncated image"
@@ -175,14 +175,26 @@ def test_bad_files_are_skipped_and_counted_across_workers(messy, workers, traini
 
 
 def test_the_same_bad_file_replaced_the_same_way_every_time(messy):
+    """A bad sample is replaced by a readable image of its own class, chosen from
+    (seed, epoch, index) only: the same whatever this process already knows (a fresh
+    dataset, as after a resume, picks the same one), and drawn afresh each epoch."""
     ds = open_split(messy["root"], "train")
     index = next(i for i, (p, _) in enumerate(ds.reader.samples) if p.endswith("empty.png"))
-    (img1, t1), skipped1 = ds.load(index)
-    (img2, t2), skipped2 = ds.load(index)  # second time from the memo, same answer
-    assert skipped1 == skipped2 and Path(skipped1[0][0]).name == "empty.png"
-    assert t1 == t2 and np.array_equal(np.asarray(img1), np.asarray(img2))
-    replacement = ds.reader.samples[index + len(skipped1)][0]
-    assert np.array_equal(np.asarray(img1), np.asarray(read_image(replacement)))
+    (img1, t1), skipped1, found1 = ds.load(index, epoch=3, seed=7)
+    (img2, t2), skipped2, found2 = ds.load(index, epoch=3, seed=7)  # from the memo this time
+    fresh = open_split(messy["root"], "train")
+    (img3, t3), _, _ = fresh.load(index, epoch=3, seed=7)
+    assert [Path(p).name for p, _, _ in skipped1] == ["empty.png"] and skipped1 == skipped2
+    assert found2 == []  # nothing is decoded twice
+    assert t1 == t2 == t3 == 0  # the class of the bad file
+    assert np.array_equal(np.asarray(img1), np.asarray(img2))
+    assert np.array_equal(np.asarray(img1), np.asarray(img3))
+    picks = set()
+    for epoch in range(12):
+        (img, target), _, _ = ds.load(index, epoch=epoch, seed=7)
+        assert target == 0
+        picks.add(np.asarray(img).tobytes())
+    assert len(picks) > 1  # a random image of the class, not always "the next one"
 
 
 def unreadable_case(root: Path, drop_to: int | None = None) -> None:
@@ -321,3 +333,147 @@ def test_report_lines_name_the_first_few():
     assert line.startswith("8 unreadable image file(s) skipped (8 time(s) in all")
     assert "/d/4.png (truncated image)" in line and "/d/5.png" not in line and "and 3 more" in line
     assert report_lines(DataReport().to_dict()) == []
+
+
+# --- symlinks never relabel or repeat images -----------------------------------------------
+
+def test_links_never_relabel_or_repeat_images(tmp_path):
+    root, store = tmp_path / "d", tmp_path / "store"
+    a, b = root / "train" / "a", root / "train" / "b"
+    for folder, prefix in ((a, "a"), (b, "b")):
+        folder.mkdir(parents=True)
+        for i in range(2):
+            good_png(folder / f"{prefix}{i}.png", i)
+    (a / "sub").mkdir()
+    good_png(a / "sub" / "s.png", 5)
+    store.mkdir()
+    good_png(store / "o.png", 6)
+    links = {"up": "..", "self": ".", "loop": "loop", "to_b": "../b", "b0.png": "../b/b0.png",
+             "again.png": "a0.png", "alias": "sub", "far": str(store)}
+    for name, target in links.items():
+        (a / name).symlink_to(target)
+    (a / "o.png").symlink_to(store / "o.png")  # one image out of the data folder: an image store
+    (a / "loop.png").symlink_to("loop.png")    # ELOOP, named like an image
+    ds = open_split(root, "train")
+    labels = {str(Path(p).relative_to(root / "train")): t for p, t in ds.reader.samples}
+    assert labels == {"a/a0.png": 0, "a/a1.png": 0, "a/o.png": 0, "a/sub/s.png": 0,
+                      "b/b0.png": 1, "b/b1.png": 1}
+    skipped = {str(Path(p).relative_to(a)): r for p, r in ds.report.links.items()}
+    assert set(skipped) == {"up", "self", "loop", "to_b", "b0.png", "again.png", "alias/s.png", "far"}
+    assert "which contains it" in skipped["up"] and "which contains it" in skipped["self"]
+    assert skipped["loop"] == "a symlink loop"
+    assert "of class 'b'" in skipped["to_b"] and "of class 'b'" in skipped["b0.png"]
+    assert skipped["again.png"].startswith("the same file as") and "out of the data folder" in skipped["far"]
+    assert ds.report.bad == {str(a / "loop.png"): "a symlink loop"}
+    (line,) = [l for l in report_lines(ds.report.to_dict()) if "symlink" in l and "followed" in l]
+    assert line.startswith("8 symlink(s) not followed:")
+
+
+@pytest.mark.parametrize("target, says", [("b", "links to the folder of class 'b'"),
+                                          ("..", "a folder above it")])
+def test_a_class_folder_that_links_to_another_class_is_an_error(tmp_path, target, says):
+    root = tmp_path / "d"
+    for name in ("a", "b"):
+        (root / "train" / name).mkdir(parents=True)
+        good_png(root / "train" / name / "x.png", 0)
+    (root / "train" / "c").symlink_to(target)
+    with pytest.raises(DataError, match=says):
+        open_split(root, "train")
+
+
+def test_an_ancestor_link_neither_crashes_eval_nor_adds_a_sample(tmp_path, capsys):
+    root = tmp_path / "d"
+    for name in ("a", "b"):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(2):
+            good_png(root / "val" / name / f"{i}.png", i)
+    (root / "val" / "a" / "up").symlink_to("..")
+    (root / "val" / "a" / "self.png").symlink_to("self.png")
+    ckpt = make_checkpoint(tmp_path / "two.safetensors", num_classes=2)
+    assert cli_run(["eval", str(ckpt), "--data", str(root), "--workers", "0", "--img-size", "32",
+                    "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["samples"] == 4 and doc["data"]["skipped_links"] == 1 and doc["data"]["bad_files"] == 1
+
+
+# --- many bad files: remembered, replaced at random within the class, warned about ----------
+
+def test_many_bad_files_spread_over_their_class_and_warn(tmp_path, caplog):
+    import time
+    from collections import Counter
+
+    root = tmp_path / "d"
+    a, b = root / "train" / "a", root / "train" / "b"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    for i in range(1000):
+        (a / f"bad{i:04d}.png").write_bytes(b"")
+    for i in range(8):
+        good_png(a / f"good{i}.png", i, size=8)
+        good_png(b / f"b{i}.png", 10 + i, size=8)
+    ds = open_split(root, "train")
+    bad = [i for i, (p, _) in enumerate(ds.reader.samples) if Path(p).name.startswith("bad")]
+    picks = Counter()
+    for i in bad:
+        (img, target), skipped, _ = ds.load(i, epoch=0, seed=5)
+        assert target == 0 and len(skipped) == 1
+        picks[img.tobytes()] += 1
+    # Spread over the 8 readable images of the class (1000 / 8 = 125 each on average);
+    # "the next readable one" would have drawn one image about a thousand times.
+    assert len(picks) == 8 and max(picks.values()) < 300
+    fresh = open_split(root, "train")  # what a resumed process knows: nothing yet
+    for i in bad[::97]:
+        assert fresh.load(i, epoch=0, seed=5)[0][0].tobytes() == ds.load(i, epoch=0, seed=5)[0][0].tobytes()
+
+    report = DataReport()
+    loader = make_loader(open_split(root, "train", transform=tensor_transform(8)), 16,
+                         training=True, seed=5, report=report)
+    from gct_surgery.train.loaders import start_epoch
+
+    with caplog.at_level("WARNING"):
+        for epoch in range(2):
+            started = time.perf_counter()
+            start_epoch(loader, epoch)
+            assert sum(len(y) for _, y in loader) == 1008  # 1016 // 16 batches, none short
+            seconds = time.perf_counter() - started
+    assert len(report.bad) == 1000 and 990 <= report.skipped // 2 <= 1000
+    assert seconds < 5  # the second epoch decodes no bad file again
+    assert report.bad_share == {"a": [1000, 1008]}
+    # warned once, as soon as the share passed 5%; the report at the end has the count
+    assert caplog.text.count("class a: ") == 1 and "(5%) are unreadable" in caplog.text
+    assert any("class a: 1000 of 1008 file(s) (99%) are unreadable" in line for line in report.lines())
+
+
+def test_report_state_round_trip_keeps_links_and_shares():
+    report = DataReport(bad={"/x.png": "truncated image"}, skipped=3, links={"/up": "a symlink loop"},
+                        bad_share={"a": [1, 2]})
+    again = DataReport.from_state(json.loads(json.dumps(report.to_state())))
+    assert again == report
+    with pytest.raises(ValueError, match="bad_share"):
+        DataReport.from_state({"bad_share": {"a": "half"}})
+
+
+def test_a_resumed_run_replaces_bad_files_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The replacement of a bad sample depends on (seed, epoch, index) only: a run stopped
+    mid-epoch and resumed in a new process (which knows no bad file yet) ends with the
+    very weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from fixtures.runs import write_folder
+    from gct_surgery.train import faults
+
+    data = write_folder(tmp_path / "data")
+    for i, cls in enumerate(sorted((data / "train").iterdir())[:2]):
+        (cls / f"zz_empty{i}.png").write_bytes(b"")
+        (cls / f"zz_cut{i}.png").write_bytes(encoded("png")[:300])
+    ckpt = make_checkpoint(tmp_path / "g.safetensors", num_classes=3)
+    args = ["--data", str(data), "--img-size", "32", "--batch-size", "7", "--workers", "0",
+            "--epochs", "1", "--lr", "0.02", "--seed", "3"]
+    assert cli_run(["finetune", str(ckpt), "--out", str(tmp_path / "ref"), *args]) == 0
+    monkeypatch.setattr(faults, "_steps", [0])
+    monkeypatch.setenv("GCT_SURGERY_FAULT", "term:after_step:5")  # the full stage's 2nd step
+    assert cli_run(["finetune", str(ckpt), "--out", str(tmp_path / "cut"), *args]) == 143
+    monkeypatch.delenv("GCT_SURGERY_FAULT")
+    assert cli_run(["finetune", "--resume", str(tmp_path / "cut")]) == 0
+    ref, cut = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)

@@ -54,7 +54,7 @@ def test_round_trip_is_bit_exact_and_plain_readers_read_it(tmp_path, r18_weights
 
 def test_metadata_describes_the_model(tmp_path):
     model, meta = open_model("timm:resnet18", num_classes=7)
-    inject_model(model, meta, output=tmp_path / "m.safetensors", input_size=[3, 32, 32])
+    inject_model(model, meta, output=tmp_path / "m.safetensors", input_size=[3, 64, 64])
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         doc = json.loads(f.metadata()[METADATA_KEY])
     assert doc["format"] == "gct-surgery" and doc["format_version"] == FORMAT_VERSION
@@ -63,7 +63,7 @@ def test_metadata_describes_the_model(tmp_path):
     assert len(doc["gated"]) == 20 and doc["gated"][0] == "conv1"
     assert [e["action"] for e in doc["history"]] == ["open", "inject"]
     assert doc["history"][1]["max_abs_diff"] == 0.0 and "time" in doc["history"][1]
-    assert doc["data"]["input_size"] == [3, 32, 32]  # --input-size is recorded for later commands
+    assert doc["data"]["input_size"] == [3, 64, 64]  # --input-size is recorded for later commands
     assert doc["data"]["mean"] == [0.485, 0.456, 0.406]  # from timm's pretrained config
     assert gct_surgery.load(tmp_path / "m.safetensors").get_classifier().out_features == 7
 
@@ -124,8 +124,8 @@ def test_torchvision_source_with_weights_file(tmp_path):
     ref = torchvision.models.resnet18(weights=None, num_classes=5).eval()
     torch.save(ref.state_dict(), tmp_path / "tv.pth")
     model, meta = open_model("torchvision:resnet18", weights=str(tmp_path / "tv.pth"), num_classes=5)
-    result = inject_model(model, meta, output=tmp_path / "tv.safetensors", input_size=[3, 32, 32])
-    assert result.report.gates_added == 20
+    result = inject_model(model, meta, output=tmp_path / "tv.safetensors", input_size=[3, 64, 64])
+    assert result.report.gates_added == 20  # at 32 px layer4 sees 1x1 inputs, not gated
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(gct_surgery.load(tmp_path / "tv.safetensors")(x), ref(x))

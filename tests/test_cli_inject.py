@@ -42,7 +42,7 @@ def test_inject_from_a_state_dict_file_with_arch(cli, tmp_path):
     original = timm.create_model("resnet18", pretrained=False).eval()
     torch.save({"state_dict": original.state_dict()}, tmp_path / "model.pt")
     proc = _run(cli, "inject", tmp_path / "model.pt", "--arch", "timm:resnet18",
-                "-o", tmp_path / "g.safetensors", "--input-size", "3,32,32")
+                "-o", tmp_path / "g.safetensors", "--input-size", "3,64,64")
     assert proc.returncode == 0, proc.stderr
     assert "20" in proc.stdout and "written" in proc.stdout
     x = torch.randn(1, 3, 32, 32)

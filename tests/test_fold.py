@@ -141,8 +141,8 @@ def test_export_fold_reports_count_and_difference(tmp_path):
 
 def test_cli_fold_prints_count(tmp_path, capsys):
     model, meta = open_model("timm:resnet10t", num_classes=10)
-    meta.data["input_size"] = [3, 32, 32]
-    result = inject_model(model, meta, input_size=[3, 32, 32])
+    meta.data["input_size"] = [3, 48, 48]  # at 32 px layer4 sees 1x1 inputs: not gated
+    result = inject_model(model, meta, input_size=[3, 48, 48])
     randomise(model, seed=6)
     src = tmp_path / "gated.safetensors"
     save(model, src, result.meta)

@@ -2,7 +2,9 @@
 
 Each command lives in its own module and only parses, calls the library and prints.
 Torch and timm are imported inside the command functions, so ``--help`` is instant.
-A ``UserError`` from the library becomes one line on stderr and exit code 2.
+A ``UserError`` from the library becomes one line on stderr and exit code 2, and so
+does an ``OSError`` that reaches here (a file system that refused us: the path and the
+reason are the whole story, a traceback would add nothing).
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as e:
         error(str(e))
         return e.exit_code
+    except OSError as e:  # every write goes through io/atomic.py; this is the safety net
+        where = f" {e.filename}" if e.filename else ""
+        error(f"could not access{where}: {e.strerror or e}; check the path, its permissions "
+              "and the free space, then run the command again")
+        return 2
     except KeyboardInterrupt:
         error("interrupted")
         return 130

@@ -1,15 +1,21 @@
 """Printing for the CLI: rich for people, JSON for scripts, plain lines off a TTY.
 
+Every message is printed as text, never as rich markup: a file named ``photo [copy].png``
+or a checkpoint key ``[/boom]`` prints as itself, and cannot crash the printer.
+Colour and style come from ``Text`` objects, never from brackets in a string.
+
 Imports only rich, never torch or timm, so ``--help`` stays instant.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -31,11 +37,11 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     if is_human():
         from rich.table import Table
 
-        table = Table(title=title)
+        table = Table(title=Text(title))
         for c in columns:
-            table.add_column(c, overflow="fold")
+            table.add_column(Text(c), overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(v) for v in row))
         console.print(table)
     else:
         print(f"# {title}")
@@ -49,21 +55,29 @@ def print_kv(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
     print_table(title, ["", "value"], [(k, v) for k, v in pairs])
 
 
-def info(message: str) -> None:
+def info(message: str, style: str | None = None) -> None:
+    """One line (or more) of output, as text; ``style`` (e.g. ``"bold"``) on a terminal."""
     if is_human():
-        console.print(message, soft_wrap=True)
+        console.print(Text(str(message), style=style or ""), soft_wrap=True)
     else:
-        print(_plain(message))
+        print(message)
+
+
+def labelled(label: str, colour: str, message: str) -> Text:
+    """``label: message`` with the label coloured and the message as plain text."""
+    return Text.assemble((f"{label}:", colour), " ", str(message))
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    with contextlib.suppress(OSError):  # stderr gone (a closed terminal): nothing to tell
+        err_console.print(labelled("warning", "yellow", message), soft_wrap=True)
 
 
 def error(message: str) -> None:
     """One line on stderr: the whole of a user error."""
     first = " ".join(str(message).split())
-    err_console.print(f"[red]error:[/red] {first}", highlight=False, soft_wrap=True)
+    with contextlib.suppress(OSError):
+        err_console.print(labelled("error", "red", first), soft_wrap=True)
 
 
 def _fmt(v: Any) -> str:
@@ -74,12 +88,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)
-
-
-def _plain(message: str) -> str:
-    from rich.text import Text
-
-    return Text.from_markup(message).plain
 
 
 class WarningHandler(logging.Handler):

@@ -55,7 +55,7 @@ def _pct(v) -> str:
 
 def _progress(kind: str, payload: dict) -> None:
     if kind == "step_start":
-        info(f"[bold]{payload['name']}[/bold]")
+        info(payload["name"], style="bold")
     elif kind == "step_end":
         extra = f", top-1 {payload['top1']:.1f}%" if payload.get("top1") is not None else ""
         info(f"  done in {payload['seconds']:.1f} s{extra}")

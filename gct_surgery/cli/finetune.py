@@ -1,6 +1,7 @@
 """``gct-surgery finetune``: staged fine-tuning (gates, then everything) of a checkpoint."""
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -8,7 +9,7 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import info, is_human, print_json, print_table, warn
+from ._output import info, is_human, labelled, print_json, print_table, warn
 
 
 class StageKind(str, Enum):
@@ -27,34 +28,34 @@ def finetune(
     checkpoint: Optional[Path] = typer.Argument(None, help="A gct-surgery checkpoint (from `inject`). Not needed with --resume.", show_default=False),
     data: Optional[Path] = typer.Option(None, help="Image folder: DATA/train/CLASS/* and DATA/val/CLASS/* (or validation)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: last/best.safetensors, metrics.csv, metrics.png, state.pt."),
-    stage: Optional[StageKind] = typer.Option(None, help="Run one stage of the default recipe: gates (only gates train) or full (everything)."),
-    recipe: Optional[Path] = typer.Option(None, help="Recipe file (.toml/.yaml) with several stages. Default: gates, then full."),
-    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its folder."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs of every stage (overrides the recipe)."),
-    lr: Optional[float] = typer.Option(None, help="Gate learning rate of every stage (a new head in a gates stage uses it too). The base weights keep the recipe's base_lr (1e-4 in the default recipe) unless --base-lr; a recipe stage without base_lr gives the base 0.1x this."),
-    base_lr: Optional[float] = typer.Option(None, help="Learning rate of the base weights in full stages."),
-    batch_size: int = typer.Option(32, help="Global batch size (split among torchrun processes)."),
-    workers: int = typer.Option(2, help="Data loader worker processes."),
-    seed: int = typer.Option(0, help="Seed for data order, augmentation and a new head."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    amp: Amp = typer.Option(Amp.off, help="Mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA)."),
-    num_classes: Optional[int] = typer.Option(None, help="Replace the classifier head for this many classes (it then trains in the gates stage too)."),
-    img_size: Optional[int] = typer.Option(None, help="Train and evaluate at this square input size instead of the checkpoint's."),
-    no_aug: bool = typer.Option(False, "--no-aug", help="No train augmentation: resize and center crop only."),
-    train_head: bool = typer.Option(False, "--train-head", help="Gates stages also train the classifier head."),
-    train_bn: bool = typer.Option(False, "--train-bn", help="Gates stages also train BatchNorm weight and bias (statistics stay frozen)."),
-    ema: bool = typer.Option(False, "--ema", help="Keep a ModelEmaV3 average over every stage; validation, best.safetensors and ema.safetensors use it (last.safetensors keeps the raw weights)."),
-    ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default: an averaging window of a tenth of the run's updates, within 0.9 to 0.9999, warmed up)."),
-    save_every: int = typer.Option(0, help="Also save a resumable state every N steps (0: after each epoch)."),
-    task: Optional[str] = typer.Option(None, help="module:object or file.py:object giving datasets, loss and metrics for a model that is not a classifier."),
-    baseline: bool = typer.Option(False, "--baseline", help="Did the gates help? Also run a control: the same recipe, stages, head handling, seed and data order with the gates held at identity (removed); print GCT minus control with a 95% interval. Runs go to OUT/seed-S/{gct,control}."),
-    seeds: int = typer.Option(1, help="With --baseline: run GCT and control for this many seeds (seed, seed+1, ...): the interval comes from their paired differences."),
-    plain: bool = typer.Option(False, "--plain", help="With --baseline: also run the plain fine-tune you would otherwise run (every parameter, no gates, one full stage of the same total epochs) as a second reference."),
-    metrics_format: str = typer.Option("csv", help="csv or jsonl."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it."),
-    skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume)."),
-    impl: str = typer.Option("fast", help="Gate implementation: fast (fused forward and backward) or reference (the official formulation), for comparison."),
-    fast_frozen: bool = typer.Option(True, "--fast-frozen/--no-fast-frozen", help="Gates stages: run the frozen base the cheap way (convs save nothing for backward, frozen BN folded into its conv). Same results up to float rounding."),
+    stage: Optional[StageKind] = typer.Option(None, help="Run one stage of the default recipe: gates (only gates train) or full (everything).", rich_help_panel="Stages"),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe file (.toml/.yaml) with several stages. Default: gates, then full.", rich_help_panel="Stages"),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its folder, or a whole --baseline comparison from OUT (then its verdict).", rich_help_panel="Run folder and faults"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of every stage (overrides the recipe).", rich_help_panel="Stages"),
+    lr: Optional[float] = typer.Option(None, help="Gate learning rate of every stage (a new head in a gates stage uses it too). The base weights keep the recipe's base_lr (1e-4 in the default recipe) unless --base-lr; a recipe stage without base_lr gives the base 0.1x this.", rich_help_panel="Stages"),
+    base_lr: Optional[float] = typer.Option(None, help="Learning rate of the base weights in full stages.", rich_help_panel="Stages"),
+    batch_size: int = typer.Option(32, help="Global batch size (split among torchrun processes).", rich_help_panel="Training"),
+    workers: int = typer.Option(2, help="Data loader worker processes.", rich_help_panel="Speed"),
+    seed: int = typer.Option(0, help="Seed for data order, augmentation and a new head.", rich_help_panel="Training"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Training"),
+    amp: Amp = typer.Option(Amp.off, help="Mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA).", rich_help_panel="Training"),
+    num_classes: Optional[int] = typer.Option(None, help="Replace the classifier head for this many classes (it then trains in the gates stage too).", rich_help_panel="Stages"),
+    img_size: Optional[int] = typer.Option(None, help="Train and evaluate at this square input size instead of the checkpoint's.", rich_help_panel="Training"),
+    no_aug: bool = typer.Option(False, "--no-aug", help="No train augmentation: resize and center crop only.", rich_help_panel="Training"),
+    train_head: bool = typer.Option(False, "--train-head", help="Gates stages also train the classifier head.", rich_help_panel="Stages"),
+    train_bn: bool = typer.Option(False, "--train-bn", help="Gates stages also train BatchNorm weight and bias (statistics stay frozen).", rich_help_panel="Stages"),
+    ema: bool = typer.Option(False, "--ema", help="Keep a ModelEmaV3 average over every stage; validation, best.safetensors and ema.safetensors use it (last.safetensors keeps the raw weights).", rich_help_panel="Training"),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default: an averaging window of a tenth of the run's updates, within 0.9 to 0.9999, warmed up).", rich_help_panel="Training"),
+    save_every: int = typer.Option(0, help="Also save a resumable state every N steps (0: after each epoch).", rich_help_panel="Run folder and faults"),
+    task: Optional[str] = typer.Option(None, help="module:object or file.py:object giving datasets, loss and metrics for a model that is not a classifier.", rich_help_panel="Training"),
+    baseline: bool = typer.Option(False, "--baseline", help="Did the gates help? Also run a control: the same recipe, stages, head handling, seed and data order with the gates held at identity (removed); print GCT minus control with a 95% interval. Runs go to OUT/seed-S/{gct,control}.", rich_help_panel="Did the gates help?"),
+    seeds: int = typer.Option(1, help="With --baseline: run GCT and control for this many seeds (seed, seed+1, ...): the interval comes from their paired differences.", rich_help_panel="Did the gates help?"),
+    plain: bool = typer.Option(False, "--plain", help="With --baseline: also run the plain fine-tune you would otherwise run (every parameter, no gates, one full stage of the same total epochs) as a second reference.", rich_help_panel="Did the gates help?"),
+    metrics_format: str = typer.Option("csv", help="csv or jsonl.", rich_help_panel="Run folder and faults"),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it.", rich_help_panel="Run folder and faults"),
+    skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume).", rich_help_panel="Run folder and faults"),
+    impl: str = typer.Option("fast", help="Gate implementation: fast (fused forward and backward) or reference (the official formulation), for comparison.", rich_help_panel="Speed"),
+    fast_frozen: bool = typer.Option(True, "--fast-frozen/--no-fast-frozen", help="Gates stages: run the frozen base the cheap way (convs save nothing for backward, frozen BN folded into its conv). Same results up to float rounding.", rich_help_panel="Speed"),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable result."),
 ) -> None:
     """Fine-tune a gated checkpoint in stages: gates first, everything else frozen, then everything.
@@ -71,11 +72,9 @@ def finetune(
             raise typer.BadParameter("give the run folder", param_hint="--out")
         if stage is not None and recipe is not None:
             raise typer.BadParameter("give --stage or --recipe, not both", param_hint="--stage")
-    elif baseline:
-        raise typer.BadParameter("--baseline runs with a new run, not with --resume", param_hint="--baseline")
     if (seeds != 1 or plain) and not baseline:
         raise typer.BadParameter("--seeds and --plain go with --baseline", param_hint="--seeds")
-    from ..train.compare import compare
+    from ..train.compare import compare, is_comparison, resume_comparison
     from ..train.config import TrainConfig
     from ..train.faults import Interrupted
     from ..train.loop import finetune as run_finetune, resume as run_resume
@@ -83,10 +82,11 @@ def finetune(
 
     reporter = Reporter(quiet=json_out)
     try:
-        if resume is not None:
-            result = run_resume(resume, on_event=reporter, data=str(data) if data else None,
-                                strict=True if strict else None, skip_nonfinite=skip_nonfinite)
-            chosen, config = None, None
+        if resume is not None:  # a run, or a whole --baseline comparison (its verdict at the end)
+            baseline = is_comparison(resume)
+            again = resume_comparison if baseline else run_resume
+            result = again(resume, on_event=reporter, data=str(data) if data else None,
+                           strict=True if strict else None, skip_nonfinite=skip_nonfinite)
         else:
             chosen = load_recipe(recipe) if recipe is not None else default_recipe()
             if stage is not None:
@@ -106,9 +106,14 @@ def finetune(
                 result = run_finetune(checkpoint, chosen, config, on_event=reporter)
         reporter.close()
     except Interrupted as e:  # the state is on disk; the Reporter said how to resume
+        reporter.close()
+        if e.hard and _rank() == 0:  # a second signal: say what stopped and what is on disk
+            whole = f"; the whole comparison continues with --resume {resume or out}" if baseline else ""
+            warn(f"{e}{whole}")
         if json_out and _rank() == 0:
-            print_json({"interrupted": True, "signal": e.signum, "run_dir": str(resume or out)})
-        raise typer.Exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                print_json({"interrupted": True, "signal": e.signum, "run_dir": str(resume or out)})
+        raise typer.Exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     finally:
         reporter.close()
         distributed.cleanup()
@@ -233,8 +238,13 @@ class Reporter:
 
     def on_interrupted(self, p: dict) -> None:
         self.close()
-        warn(f"{p.get('signal', 'SIGINT')}: stopped at stage {p['stage']}, epoch {p['epoch'] + 1}, "
-             f"step {p['step']}; state saved. Continue with: gct-surgery finetune --resume {p['run_dir']}")
+        whole = " (the whole comparison)" if "comparison" in p else ""
+        warn(f"{self.title}{p.get('signal', 'SIGINT')}: stopped at stage {p['stage']}, epoch {p['epoch'] + 1}, "
+             f"step {p['step']}; state saved. Continue with: gct-surgery finetune --resume "
+             f"{p.get('comparison', p['run_dir'])}{whole}")
+
+    def on_arm_done(self, p: dict) -> None:
+        info(f"{self.title}finished before; its result is read from {p['run_dir']}/result.json")
 
     def on_bad_file(self, p: dict) -> None:
         self.bad_seen += 1
@@ -247,7 +257,7 @@ class Reporter:
 
     def _warn(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+            self.progress.console.print(labelled("warning", "yellow", message), soft_wrap=True)
         else:
             warn(message)
 

@@ -26,6 +26,19 @@ def parse_input_size(text: Optional[str]) -> Optional[list[int]]:
     return size
 
 
+def parse_numbers(text: Optional[str], hint: str) -> Optional[list[float]]:
+    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; one value serves every channel."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise typer.BadParameter("give numbers, one per input channel, e.g. 0.5,0.5,0.5", param_hint=hint)
+    return values
+
+
 @app.command()
 def inject(
     source: str = typer.Argument(..., help=SOURCE_HELP, show_default=False),
@@ -43,6 +56,11 @@ def inject(
     eps: float = typer.Option(1e-5, help="Gate epsilon."),
     after_relu: bool = typer.Option(False, "--after-relu", help="l1 mode: inputs are non-negative, skip abs()."),
     input_size: Optional[str] = typer.Option(None, help="The model's input size, e.g. 3,224,224: used for the identity check and recorded for fine-tuning and export."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean the model's inputs are normalised with, e.g. 0.5,0.5,0.5: recorded for finetune, eval, inspect and export (default: the source's own; a model that is not timm or torchvision has none)."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std of the normalisation, e.g. 0.5,0.5,0.5 (recorded like --mean)."),
+    interpolation: Optional[str] = typer.Option(None, help="Resize interpolation: bilinear, bicubic, nearest, ... (recorded like --mean)."),
+    crop_pct: Optional[float] = typer.Option(None, help="Eval centre-crop fraction, e.g. 0.875; 1.0 resizes without cropping (recorded like --mean)."),
+    keep_1x1: bool = typer.Option(False, "--keep-1x1", help="Also gate convolutions whose input is 1x1 spatially (squeeze-excitation, after global pooling), where GCT's l2 embedding is just |x|."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling a whole-module file. A pickle runs code: only for files you trust."),
@@ -50,14 +68,16 @@ def inject(
     """Put a GCT gate in front of every selected convolution, check that the output is
     unchanged, and write a self-describing checkpoint."""
     size = parse_input_size(input_size)
+    data = {"mean": parse_numbers(mean, "--mean"), "std": parse_numbers(std, "--std"),
+            "interpolation": interpolation, "crop_pct": crop_pct}
     if output is None and not dry_run:
         raise typer.BadParameter("give -o OUT.safetensors, or --dry-run", param_hint="--output")
     from ..core.gate import GateConfig
-    from ..operations import inject_model, open_model, plan
+    from ..operations import inject_model, open_model, plan, preprocessing_is_recorded
     from ..core.targets import TargetSpec
 
     targets = TargetSpec(include=tuple(include), exclude=tuple(exclude),
-                         min_channels=min_channels, skip_depthwise=skip_depthwise)
+                         min_channels=min_channels, skip_depthwise=skip_depthwise, keep_1x1=keep_1x1)
     try:
         gate = GateConfig(mode=mode, eps=eps, after_relu=after_relu)
     except ValueError as e:
@@ -66,7 +86,7 @@ def inject(
                              pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                              allow_pickle=allow_pickle)
     if dry_run:
-        rows = plan(model, targets, gate)
+        rows = plan(model, targets, gate, input_size=size or meta.data.get("input_size"))
         if json_out:
             print_json({"plan": rows, "gates": sum(r["action"] == "gate" for r in rows)})
             return
@@ -75,7 +95,8 @@ def inject(
         info(f"{n} gates, {sum(r['gate_params'] for r in rows):,} parameters would be added")
         return
 
-    result = inject_model(model, meta, targets=targets, gate=gate, output=output, input_size=size)
+    result = inject_model(model, meta, targets=targets, gate=gate, output=output, input_size=size,
+                          data=data)
     if json_out:
         print_json(result.to_dict())
         return
@@ -95,3 +116,10 @@ def inject(
              f"and are not gated: {', '.join(result.functional_convs)}")
     if result.max_abs_diff != 0.0:
         warn(f"output changed by {result.max_abs_diff:.3g} after injection")
+    skipped_1x1 = [n for n, why in r.to_dict()["skipped"].items() if why.startswith("input is 1x1")]
+    if skipped_1x1:
+        info(f"{len(skipped_1x1)} convolutions see a 1x1 input at {result.meta.data.get('input_size')} "
+             f"and were not gated (GCT's l2 embedding would be |x|; --keep-1x1 gates them)")
+    if not preprocessing_is_recorded(result.meta):
+        warn("no --mean/--std recorded: finetune, eval and inspect will assume ImageNet's "
+             "(0.485, 0.456, 0.406)/(0.229, 0.224, 0.225); pass the model's own with --mean and --std")

@@ -24,6 +24,18 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, x: Any, handles: list) -> Any:
+    """One forward in eval mode while ``handles`` (hooks just registered) record what
+    they watch; the hooks are removed afterwards, whatever happens."""
+    try:
+        with evaluating(model):
+            return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """Every tensor in a model's output (a tensor, tuple, list or dict)."""
     if isinstance(out, torch.Tensor):

@@ -7,19 +7,25 @@ selection feeds ``inject``, the ``--dry-run`` plan and ``inspect``.
 Patterns are Python regular expressions matched with ``re.search`` against module
 names as ``model.named_modules()`` gives them (``layer1.0.conv1``); anchor them
 (``^layer4\\.``) when a substring would match too much.
+
+A conv whose input is 1x1 spatially (squeeze-excitation convs, a head conv after
+global pooling) is skipped by default: there GCT's l2 embedding sqrt(x^2 + eps) is
+just |x|, a gate on the magnitude of each value rather than on a channel's spatial
+energy. Only a forward pass can tell: ``with_input_sizes`` runs one at the model's
+input size and records those convs in the spec; ``keep_1x1`` gates them anyway.
 """
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import NoTargetsError, UserError
-from .forward import evaluating
+from .forward import evaluating, run_with_hooks
 
 # timm convolutions that are not torch ``_ConvNd`` subclasses but still take a
 # (N, C, H, W) input: gate them as a unit (MixedConv2d splits its input among child
@@ -36,10 +42,14 @@ class TargetSpec:
     min_channels: int = 1
     skip_depthwise: bool = False
     names: tuple[str, ...] | None = None  # exact module names; used to replay a checkpoint
+    keep_1x1: bool = False  # gate convs whose input is 1x1 spatially too
+    # convs whose input was 1x1 on the dry-run forward (``with_input_sizes``); not recorded
+    inputs_1x1: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "inputs_1x1", tuple(self.inputs_1x1))
         if self.names is not None:
             object.__setattr__(self, "names", tuple(self.names))
         for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
@@ -51,7 +61,13 @@ class TargetSpec:
 
     def to_dict(self) -> dict:
         return {"include": list(self.include), "exclude": list(self.exclude),
-                "min_channels": self.min_channels, "skip_depthwise": self.skip_depthwise}
+                "min_channels": self.min_channels, "skip_depthwise": self.skip_depthwise,
+                "keep_1x1": self.keep_1x1}
+
+    def with_input_sizes(self, model: nn.Module, example_input) -> "TargetSpec":
+        """This spec with the convs whose input is 1x1 spatially on ``example_input``
+        (one forward in eval mode) recorded, so the selection skips them."""
+        return replace(self, inputs_1x1=tuple(find_1x1_inputs(model, example_input)))
 
 
 @dataclass
@@ -172,6 +188,8 @@ def _verdict(t: Target, spec: TargetSpec, used_excludes: set[str]) -> str:
         return f"fewer than {spec.min_channels} channels"
     if spec.skip_depthwise and t.depthwise:
         return "depthwise"
+    if not spec.keep_1x1 and any(n in spec.inputs_1x1 for n in names):
+        return "input is 1x1 spatially (the l2 embedding would be |x|; --keep-1x1 gates it)"
     return "selected"
 
 
@@ -190,9 +208,32 @@ def _no_match_message(selection: Selection, spec: TargetSpec) -> str:
         filters.append("--skip-depthwise")
     if spec.names is not None:
         filters.append(f"{len(spec.names)} listed module names")
+    if spec.inputs_1x1 and not spec.keep_1x1:
+        filters.append("skipping 1x1 inputs (--keep-1x1 keeps them)")
     example = ", ".join(t.name for t in selection.targets[:3])
     return (f"no convolution matched {' '.join(filters) or 'the selection'} "
             f"(the model has {n} convolutions, e.g. {example})")
+
+
+@torch.no_grad()
+def find_1x1_inputs(model: nn.Module, example_input) -> list[str]:
+    """Every conv (by each of its names) whose input is 1x1 spatially on
+    ``example_input`` at every call: one forward in eval mode, pre-hooks on the convs."""
+    seen: dict[int, bool] = {}  # conv -> every input so far was 1x1
+
+    def record(module, args):
+        x = args[0] if args else None
+        one = isinstance(x, torch.Tensor) and x.ndim >= 3 and all(d == 1 for d in x.shape[2:])
+        seen[id(module)] = seen.get(id(module), True) and one
+
+    names: dict[int, list[str]] = {}
+    convs: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_conv(module) and not _is_gate(name):
+            names.setdefault(id(module), []).append(name)
+            convs[id(module)] = module
+    run_with_hooks(model, example_input, [m.register_forward_pre_hook(record) for m in convs.values()])
+    return [n for i, ok in seen.items() if ok for n in names[i]]
 
 
 # --- convolutions no module owns ------------------------------------------------------

@@ -1,41 +1,153 @@
-"""Atomic file writes: a killed run never leaves a half-written output behind.
+"""Atomic file writes: a killed run never leaves a half-written output behind, and a
+write that fails is one clear error.
 
 Every output is written to a temp file in the destination folder, flushed and
 fsynced, then renamed over the destination with ``os.replace`` (atomic on POSIX).
+The writer holds an advisory lock on its temp file while it writes: a temp file
+nobody holds is a leftover of a killed write, and the next write of the same output
+removes it, while a temp file another live process is writing is left alone.
+
+Whatever goes wrong on the way (the destination is a folder, the folder is read-only,
+the disk is full, safetensors' own I/O error) becomes a ``WriteError``: one line that
+names the file, the reason and the next step. The previous file keeps its content.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import UserError
+
+try:  # advisory locks; without them (Windows) a leftover temp file simply stays
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+class WriteError(UserError):
+    """An output could not be written (disk full, read-only, a folder in the way...)."""
+
+    def __init__(self, message: str, path: str | os.PathLike = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = Path(path) if path else None
+        self.reason = reason
+        self.code: int | None | bool = False  # the errno of a file write (write_error)
+
+
+_NEXT_STEP = {
+    errno.ENOSPC: "free some space (or choose another location) and run the command again",
+    errno.EDQUOT: "free some space (or choose another location) and run the command again",
+    errno.EFBIG: "choose a file system that allows larger files and run the command again",
+    errno.EROFS: "choose a location you can write to",
+    errno.EACCES: "choose a location you can write to (or fix its permissions)",
+    errno.EPERM: "choose a location you can write to (or fix its permissions)",
+}
+
+
+def write_error(path: str | os.PathLike, reason: str, hint: str = "", code: int | None = None) -> WriteError:
+    """The one-line error of a failed write. ``hint`` (``"; continue with ..."``)
+    replaces the default next step."""
+    path = Path(path)
+    step = hint or f"; {_NEXT_STEP.get(code, 'fix the cause and run the command again')}"
+    error = WriteError(f"could not write {path}: {reason}. The previous {path.name}, if any, "
+                       f"is unchanged{step}", path, reason)
+    error.code = code
+    return error
+
+
+def as_write_error(path: str | os.PathLike, error: BaseException, hint: str = "") -> WriteError | None:
+    """``error`` as a ``WriteError`` when it is a failed write: an ``OSError`` (also as
+    the cause of another library's exception) or safetensors' ``SafetensorError`` for
+    an I/O error. None for anything else, which keeps its own message."""
+    if isinstance(error, WriteError):  # a file's write error takes the caller's next step
+        rewrite = hint and error.code is not False and error.path is not None
+        return write_error(error.path, error.reason, hint, error.code) if rewrite else error
+    seen: BaseException | None = error
+    for _ in range(8):  # the exception, its cause, its context...
+        if seen is None or isinstance(seen, UserError):  # a message of its own
+            break
+        if isinstance(seen, OSError):
+            return write_error(path, seen.strerror or str(seen) or type(seen).__name__, hint, seen.errno)
+        if type(seen).__name__ == "SafetensorError" and "I/O error" in str(seen):
+            reason = str(seen).split("I/O error:", 1)[1].split("(os error")[0].strip()
+            code = str(seen).rsplit("(os error", 1)[-1].strip(" )")
+            return write_error(path, reason or "I/O error", hint, int(code) if code.isdigit() else None)
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
+
+
+def storage_error(path: str | os.PathLike, error: BaseException) -> WriteError | None:
+    """``as_write_error`` only for a storage fault (disk full, quota, file too large,
+    read-only, no permission, I/O error): for a library that may also fail on its own
+    and carry an unrelated ``OSError`` in its exception's context."""
+    converted = as_write_error(path, error)
+    return converted if converted is not None and converted.code in (*_NEXT_STEP, errno.EIO) else None
+
+
+def make_folder(folder: str | os.PathLike, what: str = "folder") -> Path:
+    """``mkdir -p`` whose failure (a file in the way, read-only, disk full) is one line."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise WriteError(f"could not create the {what} {folder}: a file of that name is in the "
+                         "way; choose another path", folder, "a file is in the way") from None
+    except NotADirectoryError:
+        raise WriteError(f"could not create the {what} {folder}: part of that path is a file, "
+                         "not a folder; choose another path", folder, "not a folder") from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise WriteError(f"could not create the {what} {folder}: {reason}; "
+                         f"{_NEXT_STEP.get(e.errno, 'fix the cause and run the command again')}",
+                         folder, reason) from None
+    return folder
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; on success fsync it and rename it over ``dest``.
 
-    On any error the temp file is removed and ``dest`` keeps its previous content.
+    On any error the temp file is removed, ``dest`` keeps its previous content, and a
+    failed write is raised as a ``WriteError``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
-    os.close(fd)
+    if dest.is_dir():
+        raise WriteError(f"could not write {dest}: it is a folder; give a file path (e.g. "
+                         f"{dest / 'out.safetensors'})", dest, "it is a folder")
+    make_folder(dest.parent)
+    remove_stale_temps(dest.parent, dest.name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        raise as_write_error(dest, e) from None
+    _lock(fd)  # held until the rename: the temp file is live, not a leftover
     tmp_path = Path(tmp)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         yield tmp_path
         _fault_before_rename(dest, tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
         _fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        converted = as_write_error(dest, e) if isinstance(e, Exception) else None
+        if isinstance(e, WriteError) and e.path == tmp_path:  # a nested write of our temp file
+            converted = write_error(dest, e.reason, code=e.code if isinstance(e.code, int) else None)
+        if converted is not None and converted is not e:
+            raise converted from None
         raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
@@ -45,6 +157,43 @@ def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+# --- leftovers of killed writes -------------------------------------------------------
+
+def _lock(fd: int) -> None:
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temp files (``.NAME.XXXX.tmp``) that killed writes left in ``folder``
+    (of the output ``name`` only, if given). A temp file whose writer is alive holds its
+    lock and is left alone. Returns what was removed."""
+    if fcntl is None:
+        return []
+    prefix = f".{name}." if name else "."
+    removed = []
+    try:
+        entries = [e.path for e in os.scandir(folder)
+                   if e.name.startswith(prefix) and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    for path in entries:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)  # nobody writes it: a killed write's leftover
+            removed.append(Path(path))
+        except OSError:
+            pass  # a live writer holds it (or it is already gone)
+        finally:
+            os.close(fd)
+    return removed
 
 
 _writes: dict[str, int] = {}

@@ -6,25 +6,33 @@ says how to rebuild the model; ``load_checkpoint`` builds the base, replays the
 injection and loads the tensors with strict key checks. ``gct_surgery.load`` is the
 public entry point (it also applies gates-only files, ``adapter``).
 
+A loaded (or saved) model carries its record (``record_of``), so a user's own loop can
+load, train and ``save(model, path)`` without handling metadata; a model the user
+built themselves gets a record from ``save(..., source=...)``.
+
 The header is validated before anything large is allocated: a hostile or corrupt
 file costs a clear error, never a huge allocation. See docs/checkpoint-format.md.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.gate import GateConfig
-from ..core.surgery import gated_modules, inject
+from ..core.surgery import gated_modules, gates, inject, is_gate_parameter
 from ..core.targets import TargetSpec
-from ..errors import CheckpointError
-from .metadata import METADATA_KEY, CheckpointMeta, check_against_header
+from ..errors import CheckpointError, SourceError, UserError
+from .metadata import (CROP_MODES, INTERPOLATIONS, METADATA_KEY, PREPROCESSING_KEYS, CheckpointMeta,
+                       check_against_header)
 from .safetensors_file import dedupe_shared, read_header, read_tensors, restore_aliases, save_tensors
-from .source_rules import check_recorded_source
-from .sources import ModelSource, build_model
+from .source_rules import check_recorded_source, recordable
+from .sources import ModelSource, build_model, model_data_config, parse_source
 from .state_dicts import load_weights
+
+RECORD_ATTR = "_gct_record"  # the CheckpointMeta a model was loaded or saved with
 
 
 def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
@@ -50,15 +58,155 @@ def is_gct_checkpoint(path: str | os.PathLike) -> bool:
     return METADATA_KEY in metadata
 
 
-def save(model, path: str | os.PathLike, meta: CheckpointMeta) -> Path:
-    """Save a gated model and its metadata as one self-describing safetensors file.
+def save(model, path: str | os.PathLike, meta: CheckpointMeta | None = None, *,
+         source: Any = None, data: dict | None = None) -> Path:
+    """Save a (gated) model as one self-describing safetensors file that ``load`` rebuilds.
 
-    The file records the model's gated modules and tied keys; ``meta`` itself is not
-    changed."""
+    The record is ``meta`` if given, else the one the model carries (``load`` returned
+    it, or it was saved before), else a new one from ``source``: how to rebuild the
+    model, ``"path/to/file.py:factory"``, ``"package.module:factory"``,
+    ``"timm:NAME"`` or ``"torchvision:NAME"`` (a ``ModelSource`` or ``{"spec", "kwargs"}``
+    adds builder arguments); it is built once here to check that it gives this model's
+    tensors. ``data`` records the preprocessing (``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``). The file also records the gated modules and tied
+    keys; ``meta`` itself is not changed, and the model carries what was written."""
+    if meta is None:
+        meta = _own_record(model, source)
+    if data:
+        meta = with_data(meta, data)
     tensors, aliases = dedupe_shared(model.state_dict())
     recorded = replace(meta, gated=list(gated_modules(model)), aliases=aliases)
     save_tensors(path, tensors, {METADATA_KEY: recorded.to_json()})
+    setattr(model, RECORD_ATTR, recorded)
     return Path(path)
+
+
+def record_of(model) -> CheckpointMeta | None:
+    """The record a model was loaded or last saved with, if any."""
+    record = getattr(model, RECORD_ATTR, None)
+    return record if isinstance(record, CheckpointMeta) else None
+
+
+def _own_record(model, source: Any) -> CheckpointMeta:
+    """The public ``save``'s record: the model's own, or a new one from ``source``."""
+    record = record_of(model)
+    if source is None and record is None:
+        raise CheckpointError(
+            "save(): the model carries no record of how to rebuild it (it was not loaded "
+            "by gct_surgery.load); pass source='path/to/file.py:factory' (or timm:NAME, "
+            "torchvision:NAME, package.module:factory)")
+    gate = _gate_config(model)
+    if source is None:
+        return replace(record, gate=gate or record.gate).with_event("save")
+    src = _as_source(source)
+    if parse_source(src.spec)[0] not in ("timm", "torchvision", "factory"):
+        raise SourceError(f"save(source={src.spec!r}): a source names how to build the model: "
+                          "path/to/file.py:factory, package.module:factory, timm:NAME or torchvision:NAME")
+    base = build_model(src)  # imports a package, so recordable() can find its folder
+    src = recordable(src)
+    check_recorded_source(src.to_dict(), f"save(source={src.spec!r})")
+    _check_same_tensors(model, base, src.spec)
+    if record is None:
+        record = CheckpointMeta(source={}, gate={}, gated=[],
+                                data=model_data_config(model, parse_source(src.spec)[0]))
+    return replace(record, source=src.to_dict(), gate=gate).with_event("save", source=src.spec)
+
+
+def _as_source(source: Any) -> ModelSource:
+    if isinstance(source, ModelSource):
+        return ModelSource(source.spec, dict(source.kwargs), root=source.root)
+    if isinstance(source, dict):
+        return ModelSource(str(source.get("spec", "")), dict(source.get("kwargs") or {}))
+    if isinstance(source, (str, os.PathLike)):
+        return ModelSource(str(source))
+    raise TypeError(f"source should be a string or a ModelSource, not {type(source).__name__}")
+
+
+def _gate_config(model) -> dict:
+    """The gate settings of a model's gates ({} without gates); one setting for all."""
+    configs = {(g.mode, g.eps, g.after_relu) for g in gates(model).values()}
+    if len(configs) > 1:
+        raise CheckpointError("the model's gates were made with different settings "
+                              f"({sorted(configs)}); a checkpoint records one")
+    if not configs:
+        return {}
+    mode, eps, after_relu = configs.pop()
+    return GateConfig(mode=mode, eps=eps, after_relu=after_relu).__dict__.copy()
+
+
+def _check_same_tensors(model, base, spec: str) -> None:
+    """``base`` (the source's model) must hold the model's tensors, name for name and
+    shape for shape, gates aside: else ``load`` would fail, far from here."""
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not is_gate_parameter(k)}
+    built = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    missing, extra = sorted(set(have) - set(built)), sorted(set(built) - set(have))
+    wrong = sorted(k for k in set(have) & set(built) if have[k] != built[k])
+    if missing or extra or wrong:
+        what = (f"it lacks {missing[0]!r}" if missing else f"it has {extra[0]!r} which this model lacks"
+                if extra else f"{wrong[0]!r} is {built[wrong[0]]} there, {have[wrong[0]]} here")
+        raise SourceError(f"save(source={spec!r}) builds another model ({what}); pass the source "
+                          "this model was built from, with its arguments: "
+                          "ModelSource(spec, kwargs={...})")
+
+
+def with_data(meta: CheckpointMeta, data: dict) -> CheckpointMeta:
+    """``meta`` with the preprocessing in ``data`` recorded (checked first): what a user
+    gives is no longer listed as assumed."""
+    channels = (data.get("input_size") or meta.data.get("input_size") or [None])[0]
+    given = check_data(data, channels)
+    merged = {**meta.data, **given}
+    assumed = [k for k in meta.data.get("assumed", []) if k not in given]
+    merged.pop("assumed", None)
+    if assumed:
+        merged["assumed"] = assumed
+    return replace(meta, data=merged)
+
+
+_DATA_KEYS = ("input_size", *PREPROCESSING_KEYS, "class_names")
+
+
+def check_data(data: dict, channels: int | None = None) -> dict:
+    """A user's preprocessing values, checked and normalised (one mean or std value
+    serves every channel); a ``UserError`` names the first bad one."""
+    if not isinstance(data, dict):
+        raise UserError(f"data should be a dict with keys among {', '.join(_DATA_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        if key not in _DATA_KEYS:
+            raise UserError(f"data: unknown key {key!r}; known keys: {', '.join(_DATA_KEYS)}")
+        if key == "input_size":
+            size = list(value) if isinstance(value, (list, tuple)) else None
+            if not size or len(size) < 2 or not all(isinstance(d, int) and d > 0 for d in size):
+                raise UserError(f"data: input_size {value!r} should be channels and spatial sizes, "
+                                "e.g. [3, 224, 224]")
+            out[key] = size
+        elif key in ("mean", "std"):
+            values = [value] if isinstance(value, (int, float)) else list(value)
+            if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise UserError(f"data: {key} should be numbers, one per input channel")
+            if key == "std" and not all(v > 0 for v in values):
+                raise UserError("data: std values should be positive")
+            if channels and len(values) == 1:
+                values = values * channels
+            if channels and len(values) != channels:
+                raise UserError(f"data: {key} has {len(values)} values for {channels} input channels")
+            out[key] = [float(v) for v in values]
+        elif key in ("interpolation", "crop_mode"):
+            allowed = INTERPOLATIONS if key == "interpolation" else CROP_MODES
+            if value not in allowed:
+                raise UserError(f"data: {key} {value!r}: choose one of {', '.join(allowed)}")
+            out[key] = value
+        elif key == "crop_pct":
+            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise UserError(f"data: crop_pct {value!r} should be a fraction in (0, 1]")
+            out[key] = float(value)
+        else:
+            if not isinstance(value, (list, tuple)):
+                raise UserError("data: class_names should be a list of names")
+            out[key] = [str(c) for c in value]
+    return out
 
 
 @dataclass
@@ -87,8 +235,12 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> L
     if meta.kind != "full":
         raise CheckpointError(
             f"{path} is a gates-only file; apply it to its base with load(base=..., gates=...)")
-    model = rebuild(meta, allow_pickle=allow_pickle)
+    try:
+        model = rebuild(meta, allow_pickle=allow_pickle)
+    except SourceError as e:  # the model's code is missing here, or fails
+        raise SourceError(f"{path}: cannot rebuild its model: {e}") from None
     tensors = restore_aliases(read_tensors(path), meta.aliases)
     load_weights(model, tensors, what=str(path), allow_missing_gates=False)
     model.eval()
+    setattr(model, RECORD_ATTR, meta)
     return LoadedCheckpoint(model, meta)

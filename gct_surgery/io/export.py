@@ -32,8 +32,9 @@ from ..core.forward import example_input, max_difference, run_model
 from ..core.surgery import gates, remove
 from ..errors import UserError, VerificationError
 from .adapter import apply_adapter, resolve_base, save_adapter
-from .atomic import atomic_path
+from .atomic import atomic_path, storage_error
 from .checkpoint import load_checkpoint, save
+from .finite import refuse_nonfinite
 from .metadata import CheckpointMeta
 
 _logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def export(
     output = Path(output)
     loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     model, meta = loaded.model, loaded.meta
+    refuse_nonfinite(model, checkpoint, "exported")  # the file's fault, not the export's
     x = example_input(input_size or meta.data.get("input_size"), batch=batch)
     reference = run_model(model, x)
     form = "gates-only" if gates_only else "unload" if unload else "fold" if fold else "full"
@@ -230,6 +232,8 @@ def _onnx_write(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None
                               verbose=False, **kwargs)
         return
     except Exception as e:  # the exporter raises many types; fall back once, then report
+        if storage_error(path, e) is not None:  # a full disk is no reason to try another exporter
+            raise
         _logger.warning("dynamo ONNX export failed (%s: %s); trying the TorchScript exporter",
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
     try:
@@ -238,5 +242,7 @@ def _onnx_write(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None
             torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"],
                               dynamic_axes={"input": {0: "batch"}}, **kwargs)
     except Exception as e:
+        if storage_error(path, e) is not None:
+            raise  # atomic_path names the output and the reason
         raise UserError(f"torch.onnx.export failed for this model: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None

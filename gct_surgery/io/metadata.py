@@ -160,7 +160,14 @@ def _check_event(event: Any, path: str | os.PathLike) -> None:
             raise CheckpointError(f"{path}: metadata history 'open' weights should be a path")
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
 def _check_data(data: dict, path: str | os.PathLike) -> None:
+    """The preprocessing record: values timm's transforms accept, so a bad one is a
+    message here rather than a crash in a data loader."""
     size = data.get("input_size")
     if size is not None:
         numel = 1
@@ -176,6 +183,20 @@ def _check_data(data: dict, path: str | os.PathLike) -> None:
         if value is not None and not (isinstance(value, list) and 0 < len(value) <= 4096
                                       and all(_is_number(v) for v in value)):
             raise CheckpointError(f"{path}: metadata data.{key} should be a list of numbers")
+    if data.get("std") is not None and not all(v > 0 for v in data["std"]):
+        raise CheckpointError(f"{path}: metadata data.std should be positive")
+    choices = {"interpolation": INTERPOLATIONS, "crop_mode": CROP_MODES}
+    for key, allowed in choices.items():
+        if data.get(key) is not None and data[key] not in allowed:
+            raise CheckpointError(f"{path}: metadata data.{key} {data[key]!r:.40} should be one "
+                                  f"of {', '.join(allowed)}")
+    crop = data.get("crop_pct")
+    if crop is not None and not (_is_number(crop) and 0 < crop <= 4):
+        raise CheckpointError(f"{path}: metadata data.crop_pct should be a number in (0, 4]")
+    assumed = data.get("assumed", [])
+    if not (isinstance(assumed, list) and all(k in PREPROCESSING_KEYS for k in assumed)):
+        raise CheckpointError(f"{path}: metadata data.assumed should list preprocessing keys "
+                              f"({', '.join(PREPROCESSING_KEYS)})")
 
 
 def check_against_header(meta: CheckpointMeta, header: dict, path: str | os.PathLike) -> None:

@@ -13,11 +13,12 @@ import importlib.util
 import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, SourceError
-from .sources import IDENTIFIER, parse_source
+from .sources import IDENTIFIER, ModelSource, parse_source
 
 # Builder arguments that make timm or torchvision read files or the network: a file
 # never gets to choose those.
@@ -50,6 +51,7 @@ def check_recorded_source(source: Any, what: str = "checkpoint") -> None:
         raise CheckpointError(f"{what}: metadata source {spec!r} names no architecture")
     if kind == "factory":
         _check_factory_origin(location, what)
+    _check_root(source.get("root"), kind, location, what)
     kwargs = source.get("kwargs", {})
     if kwargs is None:
         kwargs = {}
@@ -63,6 +65,57 @@ def check_recorded_source(source: Any, what: str = "checkpoint") -> None:
             raise CheckpointError(f"{what}: metadata source argument {key}={value!r:.60} is not "
                                   f"a plain value (bool, int within ±{MAX_KWARG_INT}, finite "
                                   "float, short string, or a short list of these)")
+
+
+def _check_root(root: Any, kind: str, location: str, what: str) -> None:
+    """``source.root``: the folder a ``package.module:factory`` was found in, put on the
+    import path to rebuild it. An absolute folder outside the Python installation."""
+    if root is None:
+        return
+    if kind != "factory" or location.rpartition(":")[0].endswith(".py"):
+        raise CheckpointError(f"{what}: metadata 'source.root' goes only with a "
+                              "package.module:factory source")
+    if not isinstance(root, str) or not 0 < len(root) <= 4096 or not Path(root).is_absolute():
+        raise CheckpointError(f"{what}: metadata 'source.root' should be an absolute folder path")
+    try:
+        resolved = Path(root).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise CheckpointError(f"{what}: metadata 'source.root' {root!r:.80} is invalid") from None
+    if any(_inside(resolved, d) for d in _installation_dirs()):
+        raise CheckpointError(f"{what}: metadata 'source.root' {root!r:.80} is inside the Python "
+                              "installation; a checkpoint may only name your own model code")
+
+
+def recordable(source: ModelSource) -> ModelSource:
+    """The source as a checkpoint records it, so that it rebuilds from any folder: a
+    ``file.py`` by its absolute path (its neighbours sit beside it), a
+    ``package.module`` with the folder it was imported from (call after building)."""
+    kind, location = parse_source(source.spec)
+    if kind != "factory":
+        return source
+    module_ref, _, attr = location.rpartition(":")
+    if module_ref.endswith(".py"):
+        return replace(source, spec=f"{Path(module_ref).resolve()}:{attr}")
+    return replace(source, root=source.root or import_root(module_ref))
+
+
+def import_root(module_ref: str) -> str | None:
+    """The folder an imported user package (or module) was found in; None when it is
+    not imported or is installed (importable from anywhere)."""
+    module = sys.modules.get(module_ref.split(".")[0])
+    if module is None:
+        return None
+    paths = list(getattr(module, "__path__", None) or [])
+    file = getattr(module, "__file__", None)
+    if paths:
+        folder = Path(paths[0]).resolve().parent
+    elif file:
+        folder = Path(file).resolve().parent
+    else:
+        return None
+    if any(_inside(folder, d) for d in _installation_dirs()):
+        return None
+    return str(folder)
 
 
 def _plain_kwarg(value: Any, depth: int = 0) -> bool:

@@ -10,6 +10,12 @@
 ``pickle:PATH``                a whole pickled module, only with ``allow_pickle``
 =============================  ==============================================
 
+User code imports as a script would: a ``file.py`` source (and a ``--task`` file)
+runs with its own folder on the import path, so ``from blocks import ...`` finds the
+module beside it; a ``package.module`` resolves from the current folder (the
+checkpoint records that folder as the source's ``root``, so loading works from
+anywhere else).
+
 A checkpoint file that holds a plain state dict is a *weights* file for one of the
 architectures above (``--arch``). ``parse_source`` only decides what kind of source a
 string names; ``build_model`` builds it. Which sources a checkpoint may record is
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -46,9 +53,13 @@ class ModelSource:
     kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     pretrained: bool = False
+    root: str | None = None  # package.module:factory: the folder the package was found in
 
     def to_dict(self) -> dict:
-        return {"spec": self.spec, "kwargs": dict(self.kwargs)}
+        d = {"spec": self.spec, "kwargs": dict(self.kwargs)}
+        if self.root:
+            d["root"] = self.root
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSource":
@@ -59,7 +70,10 @@ class ModelSource:
         kwargs = d.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise CheckpointError("checkpoint metadata 'source.kwargs' is not a mapping")
-        return cls(spec=d["spec"], kwargs=kwargs)
+        root = d.get("root")
+        if root is not None and not isinstance(root, str):
+            raise CheckpointError("checkpoint metadata 'source.root' is not a folder path")
+        return cls(spec=d["spec"], kwargs=kwargs, root=root)
 
     @property
     def kind(self) -> str:
@@ -88,7 +102,7 @@ def build_model(source: ModelSource, *, allow_pickle: bool = False) -> nn.Module
     kind, location = parse_source(source.spec)
     builders = {"timm": lambda: _build_timm(location, source),
                 "torchvision": lambda: _build_torchvision(location, source),
-                "factory": lambda: _build_factory(location, source.kwargs)}
+                "factory": lambda: _build_factory(location, source.kwargs, source.root)}
     if kind in builders:
         _check_size_on_meta(builders[kind], source)
         model = builders[kind]()
@@ -179,16 +193,23 @@ def _build_torchvision(name: str, source: ModelSource) -> nn.Module:
                           f"{type(e).__name__}: {first_line(e)[:200]}") from None
 
 
-def import_object(location: str, what: str = "SOURCE", error: type = SourceError):
+def import_object(location: str, what: str = "SOURCE", error: type = SourceError,
+                  root: str | None = None):
     """The object that ``path/to/file.py:name`` or ``package.module:name`` names.
 
-    Shared by factory sources and ``--task``; ``error`` is the UserError kind to raise.
+    Imported as a script would be: a file with its own folder first on the import path
+    (its neighbours import), a package from ``root`` (recorded in a checkpoint) or else
+    the current folder. Shared by factory sources and ``--task``; ``error`` is the
+    UserError kind to raise.
     """
     module_ref, _, attr = location.rpartition(":")
     if module_ref.endswith(".py"):
         path = Path(module_ref)
         if not path.is_file():
-            raise error(f"{what}: no such file: {path}")
+            raise error(f"{what}: no such file: {path}" + (
+                "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"))
+        folder = str(path.resolve().parent)
+        _on_import_path(folder)
         mod_name = f"gct_user_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
@@ -196,20 +217,38 @@ def import_object(location: str, what: str = "SOURCE", error: type = SourceError
         try:
             spec.loader.exec_module(module)
         except Exception as e:
-            raise error(f"{what}: {path} failed to import: {type(e).__name__}: {first_line(e)}") from None
+            sys.modules.pop(mod_name, None)
+            hint = (f" (looked beside it in {folder} and on the import path)"
+                    if isinstance(e, ImportError) else "")
+            raise error(f"{what}: {path} failed to import: {type(e).__name__}: "
+                        f"{first_line(e)}{hint}") from None
     else:
+        folder = root or os.getcwd()
+        _on_import_path(folder)
         try:
             module = importlib.import_module(module_ref)
         except ImportError as e:
-            raise error(f"{what}: cannot import {module_ref!r}: {first_line(e)}") from None
+            where = (f"the checkpoint recorded it in {root}: put {module_ref.split('.')[0]} "
+                     "there, or rebuild where it is importable" if root else
+                     f"looked in the current folder {folder} and on the import path")
+            raise error(f"{what}: cannot import {module_ref!r}: {first_line(e)} ({where})") from None
+        except Exception as e:  # the user's module raised while importing
+            raise error(f"{what}: {module_ref} failed to import: {type(e).__name__}: "
+                        f"{first_line(e)}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise error(f"{what}: {module_ref} has no {attr!r}")
     return obj
 
 
-def _build_factory(location: str, kwargs: dict) -> nn.Module:
-    factory = import_object(location)
+def _on_import_path(folder: str) -> None:
+    """Put ``folder`` first on the import path, as Python does for a script's folder."""
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _build_factory(location: str, kwargs: dict, root: str | None = None) -> nn.Module:
+    factory = import_object(location, root=root)
     if not callable(factory):
         raise SourceError(f"{location} is not callable")
     try:
@@ -220,6 +259,32 @@ def _build_factory(location: str, kwargs: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SourceError(f"{location} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def model_data_config(model: nn.Module, kind: str | None = None) -> dict:
+    """What the model's source says about its input: timm's pretrained config; for a
+    2-D RGB torchvision model, torchvision's ImageNet preprocessing (bilinear, crop
+    0.875); for anything else only an input size guessed from the first conv. No
+    mean/std is made up here: a user's model was normalised as its author chose."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        from timm.data import resolve_data_config
+
+        resolved = resolve_data_config({}, model=model)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    channels = first.in_channels if first is not None else 3
+    dims = len(first.kernel_size) if first is not None else 2
+    spatial = {1: [256], 2: [224, 224], 3: [8, 112, 112]}[dims]
+    data: dict[str, Any] = {"input_size": [channels, *spatial]}
+    if kind == "torchvision" and dims == 2 and channels == 3:
+        data.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), interpolation="bilinear",
+                    crop_pct=0.875)
+    return data
 
 
 def _load_pickled_module(path: str, allow_pickle: bool) -> nn.Module:

@@ -21,6 +21,12 @@ plain measures the staged protocol *and* the gates together.
 The verdict compares the final epoch of each run (no selection on the validation set,
 which would favour whichever run had more epochs to pick from); the best epochs are
 reported too.
+
+A comparison is resumable as one unit: ``OUT/comparison-run.json`` records what was
+asked, each finished arm leaves ``result.json`` in its folder, and
+``resume_comparison(OUT)`` (``finetune --resume OUT``) reads the finished arms back,
+resumes the one that was interrupted, starts the ones not begun, and writes the
+verdict. The comparison folder is locked for the whole time (``lock.py``).
 """
 from __future__ import annotations
 
@@ -29,15 +35,18 @@ from pathlib import Path
 
 from ..core.surgery import remove
 from ..errors import UserError
-from ..io.checkpoint import load_checkpoint
+from . import lock
 from .config import RunResult, TrainConfig
 from .faults import RunError
-from .loop import finetune, log_event, run_recipe
+from .loop import finetune, log_event, resume, run_recipe
+from .outputs import (COMPARISON_PLAN, read_arm_result, read_comparison_plan, write_arm_result,
+                      write_comparison_plan)
 from .progress import STATE_FILE
 from .recipe import Recipe
 from .run import Event
 from .stages import Stage
 from .verdict import Verdict, paired_verdict
+from .world import load_for_training
 
 PERCENT_METRICS = ("top1", "top5")  # accuracies in %: one seed gets a binomial interval
 
@@ -46,15 +55,13 @@ def finetune_control(checkpoint: str | Path, recipe: Recipe, config: TrainConfig
                      on_event: Event | None = None) -> RunResult:
     """``recipe`` on the checkpoint's model with its gates removed (what gates at
     identity compute): a comparison's control, or with a plain recipe its reference."""
-    out = Path(config.out)
-    if (out / STATE_FILE).exists():
-        raise RunError(f"{out} already holds a run; choose another --out")
-    loaded = load_checkpoint(checkpoint)
-    remove(loaded.model)
-    arm = config.arm if config.arm != "gct" else "control"
-    meta = replace(loaded.meta, gate={}, gated=[]).with_event("remove_gates", arm=arm)
-    return run_recipe(loaded.model, meta, recipe, replace(config, arm=arm), on_event or log_event,
-                      state=None, source=f"{checkpoint} (gates removed: {arm})")
+    with lock.new_run(config.out):
+        loaded = load_for_training(checkpoint)
+        remove(loaded.model)
+        arm = config.arm if config.arm != "gct" else "control"
+        meta = replace(loaded.meta, gate={}, gated=[]).with_event("remove_gates", arm=arm)
+        return run_recipe(loaded.model, meta, recipe, replace(config, arm=arm), on_event or log_event,
+                          state=None, source=f"{checkpoint} (gates removed: {arm})")
 
 
 def plain_recipe(recipe: Recipe) -> Recipe:
@@ -122,23 +129,60 @@ def compare(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *, seed
     """GCT and its control (and the plain reference) for ``seeds`` seeds, then the verdict.
 
     Runs go to ``OUT/seed-S/{gct,control,plain}``; ``OUT/comparison.json`` and
-    ``OUT/comparison.png`` hold the verdict and the curves.
+    ``OUT/comparison.png`` hold the verdict and the curves. Interrupted, it continues
+    with ``resume_comparison(OUT)``.
     """
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
+    out = Path(config.out)
+    with lock.hold(out, what="comparison"):
+        if (out / COMPARISON_PLAN).exists():
+            raise RunError(f"{out} already holds a comparison; continue it with --resume {out} "
+                           "or choose another --out")
+        if (out / STATE_FILE).exists():
+            raise RunError(f"{out} already holds a run; choose another --out")
+        write_comparison_plan(out, checkpoint=str(checkpoint), recipe=recipe, config=config,
+                              seeds=seeds, plain=plain)
+        return _run_arms(str(checkpoint), recipe, config, seeds, plain, on_event, {})
+
+
+def is_comparison(folder: str | Path) -> bool:
+    """True for the folder of a ``--baseline`` comparison (it holds the plan)."""
+    return (Path(folder) / COMPARISON_PLAN).is_file()
+
+
+def resume_comparison(out: str | Path, *, on_event: Event | None = None, data: str | None = None,
+                      strict: bool | None = None, skip_nonfinite: int | None = None) -> Comparison:
+    """Continue an interrupted comparison: finished arms are read back, the interrupted
+    one resumes, the rest start; then the verdict. ``data``, ``strict`` and
+    ``skip_nonfinite`` may be changed, as for ``resume``."""
+    out = Path(out)
+    overrides = {k: v for k, v in (("data", data), ("strict", strict),
+                                   ("skip_nonfinite", skip_nonfinite)) if v is not None}
+    with lock.hold(out, create=False, what="comparison"):
+        checkpoint, recipe, config, seeds, plain = read_comparison_plan(out)
+        return _run_arms(checkpoint, recipe, replace(config, **overrides), seeds, plain,
+                         on_event, overrides)
+
+
+def _run_arms(checkpoint: str, recipe: Recipe, config: TrainConfig, seeds: int, plain: bool,
+              on_event: Event | None, overrides: dict) -> Comparison:
     out = Path(config.out)
     results: list[SeedRuns] = []
     for i in range(seeds):
         seed = config.seed + i
         folder = out / f"seed-{seed}"
+
         def arm_config(arm: str) -> TrainConfig:
             return replace(config, seed=seed, out=str(folder / arm), arm=arm)
 
-        tag = _tagged(on_event, seed)
-        gct = finetune(checkpoint, recipe, arm_config("gct"), on_event=tag("gct"))
-        control = finetune_control(checkpoint, recipe, arm_config("control"), on_event=tag("control"))
-        reference = (finetune_control(checkpoint, plain_recipe(recipe), arm_config("plain"),
-                                      on_event=tag("plain")) if plain else None)
+        tag = _tagged(on_event, seed, out)
+        gct = _arm_run(lambda c, e: finetune(checkpoint, recipe, c, on_event=e),
+                       arm_config("gct"), tag("gct"), overrides)
+        control = _arm_run(lambda c, e: finetune_control(checkpoint, recipe, c, on_event=e),
+                           arm_config("control"), tag("control"), overrides)
+        reference = (_arm_run(lambda c, e: finetune_control(checkpoint, plain_recipe(recipe), c, on_event=e),
+                              arm_config("plain"), tag("plain"), overrides) if plain else None)
         results.append(SeedRuns(seed, gct, control, reference))
     verdict = _verdict([r.gct for r in results], [r.control for r in results], "control")
     plain_verdict = (_verdict([r.gct for r in results], [r.plain for r in results], "plain")
@@ -150,10 +194,29 @@ def compare(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *, seed
     return comparison
 
 
-def _tagged(on_event, seed: int):
-    """Events of one arm, labelled with the arm and seed so a reporter can tell them apart."""
+def _arm_run(start, config: TrainConfig, on_event: Event | None, overrides: dict) -> RunResult:
+    """A finished arm's result read back, an interrupted one resumed, or a new one run;
+    a finished arm leaves ``result.json`` for the next resume."""
+    folder = Path(config.out)
+    result = read_arm_result(folder)
+    if result is not None:
+        if on_event is not None:
+            on_event("arm_done", {"run_dir": str(folder)})
+        return result
+    if (folder / STATE_FILE).exists():
+        result = resume(folder, on_event=on_event, **overrides)
+    else:
+        result = start(config, on_event)
+    write_arm_result(result)
+    return result
+
+
+def _tagged(on_event, seed: int, out: Path):
+    """Events of one arm, labelled with the arm, seed and comparison folder so a reporter
+    can tell them apart (and say that ``--resume OUT`` continues the whole comparison)."""
     def for_arm(arm: str):
         if on_event is None:
             return None
-        return lambda event, info: on_event(event, {**info, "arm": arm, "seed": seed})
+        return lambda event, info: on_event(event, {**info, "arm": arm, "seed": seed,
+                                                    "comparison": str(out)})
     return for_arm

@@ -51,6 +51,9 @@ class TrainConfig:
             raise UserError(f"--ema-decay {self.ema_decay}: choose a number in [0, 1), e.g. 0.999")
         if self.arm not in ARMS:
             raise UserError(f"unknown run arm {self.arm!r}; one of {', '.join(ARMS)}")
+        ref, sep, attr = (self.task or "").rpartition(":")
+        if sep and ref.endswith(".py"):  # recorded in the checkpoint: eval finds it from anywhere
+            self.task = f"{Path(ref).resolve()}:{attr}"
 
 
 def ema_decay_for(config: TrainConfig, total_steps: int) -> float:

@@ -22,6 +22,7 @@ from ..io.checkpoint import load_checkpoint
 from ..io.metadata import CheckpointMeta
 from . import distributed
 from .device import autocast, batch_size_of, to_device
+from .faults import refuse_nonfinite
 from .images import DataReport, check_strict, open_split
 from .task import ClassificationTask, Task, TaskError, has_breakdown, load_task
 
@@ -119,6 +120,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
 
     loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta
+    refuse_nonfinite(model, checkpoint, "evaluated")  # NaN outputs would make NaN metrics
     set_gate_impl(model, impl)
     dev = distributed.device_for(device)
     spec, scorer = _task_for(checkpoint, meta, task)

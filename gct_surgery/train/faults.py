@@ -1,11 +1,13 @@
 """What can go wrong during a run, and how each fault surfaces (docs/reliability.md).
 
-- SIGINT (Ctrl-C) and SIGTERM (preemption) set a ``StopFlag``: the loop saves a
-  resumable state, then raises ``Interrupted``.
+- SIGINT (Ctrl-C), SIGTERM (preemption) and SIGHUP (a closed terminal or ssh session)
+  set a ``StopFlag``: the loop saves a resumable state, then raises ``Interrupted``.
+  A second signal stops at once, saying what is on disk.
 - A NaN or infinite loss or weight raises ``NonFiniteLossError``; nothing non-finite
-  is ever saved.
-- A failed write (disk full) becomes one ``WriteError`` (``writing``); the previous
-  file is kept.
+  is ever saved, and a checkpoint that already holds one is refused by name
+  (``refuse_nonfinite``).
+- A failed write (disk full) becomes one ``WriteError`` (``io/atomic.py``; ``writing``
+  adds how to continue); the previous file is kept.
 - ``GCT_SURGERY_FAULT`` is a testing hook that makes the process signal itself at a
   chosen point, so the tests can kill a run exactly where they mean to.
 """
@@ -20,14 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import UserError
+from ..io.atomic import WriteError, as_write_error  # noqa: F401 (WriteError re-exported)
+from ..io.finite import first_nonfinite, refuse_nonfinite  # noqa: F401 (re-exported)
 
 _logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and preemption
+# Ctrl-C, preemption, and a closed terminal or ssh session
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 class RunError(UserError):
@@ -38,39 +42,61 @@ class NonFiniteLossError(UserError):
     """The loss (or the weights) became NaN or infinite; nothing non-finite was saved."""
 
 
-class WriteError(UserError):
-    """An output could not be written (disk full, file too large, no permission)."""
-
-
 class Interrupted(KeyboardInterrupt):
-    """Raised after Ctrl-C or SIGTERM once the resumable state is on disk."""
+    """Raised after a stop signal once the resumable state is on disk; ``hard`` after a
+    second signal, which stops at once (the message says what is on disk)."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+    def __init__(self, message: str, signum: int = signal.SIGINT, hard: bool = False) -> None:
         super().__init__(message)
         self.signum = int(signum)
+        self.hard = hard
+
+
+_saved: dict[str, str] = {}  # run folder -> where its last state.pt stands
+
+
+def note_saved(run_dir: Path, where: str) -> None:
+    """Called after each state.pt lands: what a hard stop reports as on disk."""
+    _saved[str(run_dir)] = where
 
 
 class StopFlag:
-    """Ctrl-C (SIGINT) or preemption (SIGTERM) sets a flag; the loop saves a resumable
-    state at the end of the current step (or epoch) and stops. A second signal
-    interrupts at once."""
+    """Ctrl-C (SIGINT), preemption (SIGTERM) or a closed terminal (SIGHUP) sets a flag;
+    the loop saves a resumable state at the end of the current step (or epoch) and
+    stops. A second signal interrupts at once, naming what ``run_dir`` holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path | None = None) -> None:
         self.requested = False
         self.signum: int | None = None
+        self.run_dir = run_dir
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopFlag":
         with contextlib.suppress(ValueError):  # not the main thread: no handler
             for s in STOP_SIGNALS:
+                if s == getattr(signal, "SIGHUP", None) and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # started under nohup: a closed terminal must not stop the run
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise Interrupted(self.hard_stop_message(signum), signum, hard=True)
         self.requested = True
         self.signum = signum
+
+    def hard_stop_message(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        run_dir = self.run_dir
+        if run_dir is None:
+            return f"stopped at once by a second {name}"
+        where = _saved.get(str(run_dir))
+        if where is None and not (Path(run_dir) / "state.pt").is_file():
+            return (f"stopped at once by a second {name}, before any resumable state was saved: "
+                    f"start the run again (same command and --out {run_dir})")
+        at = f" ({where})" if where else ""
+        return (f"stopped at once by a second {name}: {run_dir} holds the last save{at}, "
+                f"untouched; continue with: gct-surgery finetune --resume {run_dir}")
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
@@ -79,45 +105,38 @@ class StopFlag:
 
 def nonfinite_weight(model: nn.Module) -> str | None:
     """The name of the first parameter or buffer holding a NaN or inf, if any."""
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+    found = first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))
+    return found[0] if found else None
 
 
 # --- writing outputs ----------------------------------------------------------------
 
 @contextlib.contextmanager
 def writing(path: Path, hint: str = ""):
-    """Turn a failed write (disk full, file too large...) into one clear error. The
-    write itself goes through ``atomic_path``, so the previous file is untouched."""
+    """A failed write (disk full, file too large...) as one clear error that says how to
+    continue (``hint``). The write itself goes through ``atomic_path``, so the previous
+    file is untouched."""
     try:
         yield
-    except OSError as e:
-        raise _write_error(path, e.strerror or str(e), hint) from None
-    except Exception as e:  # safetensors reports I/O errors as its own SafetensorError
-        if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):
-            reason = str(e).split("I/O error:", 1)[1].split("(os error")[0].strip()
-            raise _write_error(path, reason, hint) from None
-        raise
-
-
-def _write_error(path: Path, reason: str, hint: str) -> WriteError:
-    return WriteError(f"could not write {path}: {reason}. The previous {Path(path).name}, if "
-                      f"any, is unchanged{hint}")
+    except Exception as e:  # OSError, WriteError, safetensors' SafetensorError
+        converted = as_write_error(path, e, hint)
+        if converted is None:
+            raise
+        raise converted from None
 
 
 # --- testing hook -------------------------------------------------------------------
 
 FAULT_ENV = "GCT_SURGERY_FAULT"
-_FAULT_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+_FAULT_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
+                  "hup": signal.SIGHUP}
 
 
 @dataclass(frozen=True)
 class Fault:
     """A parsed ``GCT_SURGERY_FAULT=ACTION:POINT:ARG``."""
 
-    action: str  # kill | term | int: the signal to send
+    action: str  # kill | term | int | hup: the signal to send
     point: str   # after_step | between_stages | during_save
     arg: str     # N; for during_save, FILE[:N]
 
@@ -137,22 +156,30 @@ def check_fault_spec() -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and parse_fault(spec) is None:
         raise RunError(f"{FAULT_ENV}={spec!r} is not a fault this tool knows: use "
-                       "kill|term|int:after_step:N, kill|term|int:between_stages:N or "
+                       "kill|term|int|hup:after_step:N, kill|term|int|hup:between_stages:N or "
                        "kill:during_save:FILE[:N] (a testing hook; unset it to train)")
 
 
 def fault_hook(point: str, count: int) -> None:
     """Testing hook: ``GCT_SURGERY_FAULT=ACTION:POINT:N`` makes this process send itself
-    SIGKILL (``kill``), SIGTERM (``term``) or SIGINT (``int``) at a chosen point:
-    ``after_step:N`` (after its N-th training step) or ``between_stages:N`` (after
+    SIGKILL (``kill``), SIGTERM (``term``), SIGINT (``int``) or SIGHUP (``hup``) at a
+    chosen point:
+    ``after_step:N`` (after its N-th training step, over every run it does) or
+    ``between_stages:N`` (after
     stage N, before the next). ``kill:during_save:FILE[:N]`` lives in ``io/atomic.py``.
     Unset (always, outside tests) it costs one dictionary lookup."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
+    if point == "after_step":  # counted over every run of this process (a comparison runs several)
+        _steps[0] += 1
+        count = _steps[0]
     fault = parse_fault(spec)
     if fault is not None and fault.point == point and fault.arg.isdigit() and int(fault.arg) == count:
         os.kill(os.getpid(), _FAULT_SIGNALS[fault.action])
+
+
+_steps = [0]  # training steps this process has run, for ``after_step``
 
 
 # --- stopping a run -----------------------------------------------------------------

@@ -1,23 +1,23 @@
-"""Image-classification folders: scanning a split, reading one image, and counting the
-files real folders hold besides good images.
+"""Image-classification folders: reading one image, the dataset over a split, and
+replacing the files that cannot be read.
 
 The layout is the one timm and torchvision read::
 
     DIR/train/<class>/**/*.png|jpg|...
     DIR/val/<class>/**/*          (or DIR/validation/<class>/**/*)
 
-Labels follow the class *folder names* (natural sort, as timm sorts them), including
-a folder with no images: an empty class never shifts the label of the next one, and
-it is reported. Images anywhere below a class folder belong to that class.
+Scanning a split (labels by folder name, what else the folder holds, symlinks that
+never relabel or repeat data) is ``scan.py``; the report is ``data_report.py``.
 
 Broken data never stops a run (see docs/reliability.md):
 
 - a file that is not an image by name (``.DS_Store``, ``notes.txt``) or hidden is
   ignored, counted and reported;
 - an image file that cannot be read (zero bytes, truncated, not an image, no
-  permission, a broken symlink, a pipe) is replaced by the next readable sample of
-  the split, deterministically, and counted; ``strict=True`` fails instead, naming
-  the file;
+  permission, a broken symlink, a pipe) is remembered after its first failure and, in
+  training, replaced by a readable image of the *same class* drawn at random from a
+  seed, the epoch and the index (so a resumed run sees the same batches); a class
+  with many bad files is warned about; ``strict=True`` fails instead, naming the file;
 - images of every mode become RGB correctly (``to_rgb``): 16-bit grey is scaled,
   not clipped; transparency is composited over white; CMYK is converted.
 
@@ -26,102 +26,30 @@ Batching these samples, and carrying the count home from worker processes, is
 """
 from __future__ import annotations
 
-import itertools
+import bisect
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.reader import Reader
-from timm.utils.misc import natural_key
 
 from ..errors import DataError
+from .data_report import BAD_SHARE, FIRST_FEW, DataReport, bad_share_line, report_lines  # noqa: F401
+from .scan import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, class_folders, fingerprint,  # noqa: F401
+                   scan_split, split_dir)
 
 _logger = logging.getLogger(__name__)
 
-SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
-# timm's extensions and torchvision's: a .webp or .bmp folder is read, not ignored.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-FIRST_FEW = 5  # bad or ignored files named in a report
+RANDOM_DRAWS = 16  # random draws from the class before walking it for a readable image
 
 
 class BadImageError(DataError):
     """An image file cannot be read (raised under ``strict`` only; else it is skipped)."""
-
-
-# --- what a folder held besides good images -------------------------------------------
-
-@dataclass
-class DataReport:
-    """Bad files skipped, non-image files ignored and empty classes, for the end of a run.
-
-    ``bad`` holds every distinct bad file with its reason; ``skipped`` counts the times
-    a bad file was passed over (it is met again every epoch).
-    """
-
-    bad: dict[str, str] = field(default_factory=dict)
-    skipped: int = 0
-    ignored: list[str] = field(default_factory=list)
-    empty_classes: list[str] = field(default_factory=list)
-
-    def add_skipped(self, skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Count the bad files passed over; return those not seen before."""
-        new = [(p, r) for p, r in dict(skipped).items() if p not in self.bad]
-        self.bad.update(new)
-        self.skipped += len(skipped)
-        return new
-
-    def merge(self, other: "DataReport") -> "DataReport":
-        self.bad.update((p, r) for p, r in other.bad.items() if p not in self.bad)
-        self.skipped += other.skipped
-        known = set(self.ignored)
-        self.ignored += [p for p in other.ignored if p not in known]
-        self.empty_classes += [c for c in other.empty_classes if c not in self.empty_classes]
-        return self
-
-    def __bool__(self) -> bool:
-        return bool(self.bad or self.ignored or self.empty_classes)
-
-    def to_dict(self) -> dict:
-        """Counts and the first few files: the report in a run's result and ``--json``."""
-        return {"bad_files": len(self.bad), "skipped_samples": self.skipped,
-                "first_bad": [{"path": p, "reason": r} for p, r in itertools.islice(self.bad.items(), FIRST_FEW)],
-                "ignored_files": len(self.ignored), "first_ignored": self.ignored[:FIRST_FEW],
-                "empty_classes": list(self.empty_classes)}
-
-    def to_state(self) -> dict:
-        """Everything, as plain data (kept in the train state across a resume)."""
-        return {"bad": dict(self.bad), "skipped": self.skipped, "ignored": list(self.ignored),
-                "empty_classes": list(self.empty_classes)}
-
-    @classmethod
-    def from_state(cls, d: dict) -> "DataReport":
-        return cls(dict(d.get("bad", {})), int(d.get("skipped", 0)), list(d.get("ignored", [])),
-                   list(d.get("empty_classes", [])))
-
-    def lines(self) -> list[str]:
-        return report_lines(self.to_dict())
-
-
-def report_lines(d: dict) -> list[str]:
-    """A report (``DataReport.to_dict()``) as a few human lines; none for clean data."""
-    out = []
-    if d.get("bad_files"):
-        first = "; ".join(f"{b['path']} ({b['reason']})" for b in d["first_bad"])
-        more = f" and {d['bad_files'] - len(d['first_bad'])} more" if d["bad_files"] > len(d["first_bad"]) else ""
-        out.append(f"{d['bad_files']} unreadable image file(s) skipped ({d['skipped_samples']} "
-                   f"time(s) in all; --strict stops instead): {first}{more}")
-    if d.get("ignored_files"):
-        first = ", ".join(d["first_ignored"])
-        more = f" and {d['ignored_files'] - len(d['first_ignored'])} more" if d["ignored_files"] > len(d["first_ignored"]) else ""
-        out.append(f"{d['ignored_files']} file(s) ignored, not images by name: {first}{more}")
-    if d.get("empty_classes"):
-        out.append(f"class folder(s) without images: {', '.join(d['empty_classes'])} "
-                   "(they keep their label index: labels follow folder names)")
-    return out
 
 
 # --- reading one image ---------------------------------------------------------------
@@ -186,81 +114,6 @@ def describe_failure(path: str | os.PathLike, error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-# --- scanning a split ----------------------------------------------------------------
-
-def split_dir(root: str | Path, split: str) -> Path:
-    """The folder of one split, e.g. ``DIR/val`` or ``DIR/validation``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"no such data folder: {root}")
-    for name in SPLIT_FOLDERS.get(split, (split,)):
-        if (root / name).is_dir():
-            return root / name
-    wanted = " or ".join(f"{root}/{n}/" for n in SPLIT_FOLDERS.get(split, (split,)))
-    raise DataError(f"{root} has no {split} split: expected {wanted} with one folder per class")
-
-
-def class_folders(folder: Path) -> list[str]:
-    """The class folder names of a split, in timm's natural order; hidden ones skipped."""
-    try:
-        names = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
-    except OSError as e:
-        raise DataError(f"cannot list {folder}: {e.strerror or e}") from None
-    return sorted(names, key=natural_key)
-
-
-def scan_split(folder: Path, class_to_idx: dict[str, int]) -> tuple[list[tuple[str, int]], DataReport]:
-    """Every image file below each class folder, with its label, and what was not one.
-
-    Entries that cannot possibly be read (a broken symlink, a pipe or socket named like
-    an image, a folder that cannot be listed) are reported as bad here and never
-    opened: opening a pipe would block forever. Uses ``os.scandir``, so a regular file
-    costs no extra ``stat``.
-    """
-    samples: list[tuple[str, int]] = []
-    report = DataReport()
-    for entry in sorted(os.scandir(folder), key=lambda e: natural_key(e.name)):
-        if entry.name.startswith(".") or not entry.is_dir():
-            report.ignored.append(entry.path)  # .DS_Store, or a loose file in no class folder
-    for name, label in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
-        class_dir = folder / name
-        if not class_dir.is_dir():
-            continue  # a class the train split has and this split lacks
-        found, bad_before = len(samples), len(report.bad)
-        _scan_class(class_dir, label, samples, report)
-        if len(samples) == found and len(report.bad) == bad_before:
-            report.empty_classes.append(name)
-    samples.sort(key=lambda s: natural_key(s[0]))
-    return samples, report
-
-
-def _scan_class(class_dir: Path, label: int, samples: list, report: DataReport) -> None:
-    stack, seen = [str(class_dir)], {os.path.realpath(class_dir)}
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
-        except OSError as e:
-            report.bad[folder] = f"cannot list folder: {e.strerror or e}"
-            continue
-        for e in entries:
-            if e.name.startswith("."):  # .DS_Store, ._x.jpg (AppleDouble), .ipynb_checkpoints
-                report.ignored.append(e.path)
-            elif e.is_dir():
-                real = os.path.realpath(e.path)
-                if real not in seen:  # a symlink loop is walked once
-                    seen.add(real)
-                    stack.append(e.path)
-            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
-                report.ignored.append(e.path)  # notes.txt, labels.csv
-            elif e.is_file():
-                samples.append((e.path, label))
-            elif e.is_symlink() and not os.path.exists(e.path):
-                report.bad[e.path] = "broken symlink"
-            else:
-                report.bad[e.path] = "not a regular file (a pipe or device?)"
-
-
 class _Samples(Reader):
     """A timm reader over a ready list of (path, label)."""
 
@@ -284,12 +137,13 @@ class _Samples(Reader):
 
 class ImageFolderDataset(ImageDataset):
     """timm's ImageDataset over ``split/<class>/**``, with labels by folder name, the
-    scan's ``report``, and bad files replaced by the next readable sample.
+    scan's ``report``, and bad files replaced by readable images of the same class.
 
-    ``load(i)`` returns ``((image, target), skipped)``: ``skipped`` lists the
-    ``(path, reason)`` of the bad files passed over, so that a worker process can
-    send them to the main process with the batch. ``dataset[i]`` returns the sample
-    alone and counts into ``report`` (single process use).
+    ``load(i)`` returns ``((image, target), skipped, found)``: ``skipped`` is the
+    ``(path, reason, label)`` of sample ``i`` itself when it is bad (a skipped sample),
+    ``found`` the bad files newly met while looking for its replacement. A worker
+    process sends both to the main process with the batch. ``dataset[i]`` returns the
+    sample alone and counts into ``report`` (single process use).
     """
 
     def __init__(self, folder: Path, class_to_idx: dict[str, int], *, transform=None) -> None:
@@ -298,6 +152,9 @@ class ImageFolderDataset(ImageDataset):
         self._class_to_idx = dict(class_to_idx)
         self.report = report
         self._bad: dict[int, str] = {}  # this process's memo of bad indices
+        self._by_class: dict[int, list[int]] | None = None
+        self._orders: dict[int, tuple] = {}  # per class (and -1: the split), see _order
+        self._fingerprint: str | None = None
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -311,31 +168,119 @@ class ImageFolderDataset(ImageDataset):
     def targets(self) -> list[int]:
         return [t for _, t in self.reader.samples]
 
-    def load(self, index: int, *, replace: bool = True) -> tuple[tuple[Any, int] | None, list[tuple[str, str]]]:
-        """The sample at ``index``, or (``replace``) the next readable one, and the bad
-        files passed. ``(None, skipped)`` when it is bad and ``replace`` is off, or when
-        no file of the split can be read."""
-        samples = self.reader.samples
-        skipped: list[tuple[str, str]] = []
-        for attempt in range(len(samples) if replace else 1):
-            i = (index + attempt) % len(samples)
-            path, target = samples[i]
-            reason = self._bad.get(i)
+    def fingerprint(self) -> str:
+        """The split's (relative path, label) pairs, hashed (``scan.fingerprint``)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.reader.samples, self.reader.root)
+        return self._fingerprint
+
+    def by_class(self) -> dict[int, list[int]]:
+        """Sample indices per label (built once, before workers are forked)."""
+        if self._by_class is None:
+            self._by_class = {}
+            for i, (_, target) in enumerate(self.reader.samples):
+                self._by_class.setdefault(target, []).append(i)
+        return self._by_class
+
+    def remember(self, bad: dict[str, str]) -> None:
+        """Known bad files (``DataReport.bad``): never decoded again by this process or
+        the workers forked (or spawned) from it after this call."""
+        for i, (path, _) in enumerate(self.reader.samples):
+            reason = bad.get(path)
+            if reason is not None:
+                self._bad[i] = reason
+
+    def bad_per_class(self) -> dict[int, int]:
+        """How many samples of each label are known to be bad."""
+        counts: dict[int, int] = {}
+        for i in self._bad:
+            label = self.reader.samples[i][1]
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    def _read(self, i: int) -> tuple[Any, str | None, bool]:
+        """``(sample, None, _)`` or ``(None, reason, newly_found)``."""
+        reason = self._bad.get(i)
+        if reason is not None:
+            return None, reason, False
+        path, target = self.reader.samples[i]
+        try:
+            img = read_image(path)
+        except Exception as e:  # any decoder failure is the file's, not the run's
+            self._bad[i] = describe_failure(path, e)
+            return None, self._bad[i], True
+        return (self.transform(img) if self.transform is not None else img, target), None, False
+
+    def load(self, index: int, *, replace: bool = True, epoch: int = 0, seed: int = 0):
+        """The sample at ``index`` or (``replace``) a readable one of its class, chosen
+        from ``(seed, epoch, index)`` only: the same in every process and after a resume.
+        ``(None, skipped, found)`` when it is bad and ``replace`` is off, or when no file
+        of the split can be read."""
+        sample, reason, _ = self._read(index)
+        if reason is None:
+            return sample, [], []
+        path, target = self.reader.samples[index]
+        skipped, found = [(path, reason, target)], []
+        if not replace:
+            return None, skipped, found
+        for j in self._candidates(index, epoch, seed):
+            sample, reason, new = self._read(j)
             if reason is None:
-                try:
-                    img = read_image(path)
-                    return (self.transform(img) if self.transform is not None else img, target), skipped
-                except Exception as e:  # any decoder failure is the file's, not the run's
-                    reason = self._bad[i] = describe_failure(path, e)
-            skipped.append((path, reason))
-        return None, skipped
+                return sample, skipped, found
+            if new:
+                found.append((self.reader.samples[j][0], reason, self.reader.samples[j][1]))
+        return None, skipped, found
+
+    def _candidates(self, index: int, epoch: int, seed: int) -> Iterator[int]:
+        """Random draws from the class of ``index``, then the whole class, then the whole
+        split, each in this epoch's seeded order from a random point: the first readable
+        one replaces ``index``. Which one that is depends only on ``(seed, epoch, index)``
+        and on which files are readable, never on what this process knows yet."""
+        rng = random.Random(f"{seed}:{epoch}:{index}")
+        label = self.reader.samples[index][1]
+        same = self.by_class()[label]
+        for _ in range(min(RANDOM_DRAWS, len(same))):
+            yield same[rng.randrange(len(same))]
+        everything = range(len(self.reader.samples))
+        for key, seq in ((label, same), (-1, everything)):
+            start, stride, steps = self._order(key, seq, epoch, seed)
+            yield from _from(seq, start, stride, steps, rng.randrange(len(seq)))
+
+    def _order(self, key: int, seq, epoch: int, seed: int) -> tuple[int, int, list[int]]:
+        """This epoch's visiting order of ``seq`` (a seeded start and a stride coprime to
+        its length: item ``p`` comes at step ``(p - start) / stride`` mod n), and the
+        sorted steps of the items not known to be bad. Known-bad items are skipped
+        because they would fail anyway, so a stale list (the memo only grows) gives the
+        same answer; it is rebuilt when the memo has grown by a tenth."""
+        cached = self._orders.get(key)
+        if cached is None or cached[0] != (seed, epoch) or len(self._bad) > cached[1] * 1.1 + 16:
+            n = len(seq)
+            rng = random.Random(f"{seed}:{epoch}:order:{key}")
+            start, stride = rng.randrange(n), 1
+            if n > 2:
+                stride = rng.randrange(1, n)
+                while math.gcd(stride, n) != 1:
+                    stride = stride % (n - 1) + 1
+            inverse = pow(stride, -1, n)
+            steps = sorted((p - start) * inverse % n for p, i in enumerate(seq) if i not in self._bad)
+            cached = self._orders[key] = ((seed, epoch), len(self._bad), start, stride, steps)
+        return cached[2], cached[3], cached[4]
 
     def __getitem__(self, index: int):
-        sample, skipped = self.load(index)
-        self.report.add_skipped(skipped)
+        sample, skipped, found = self.load(index)
+        self.report.add_skipped([(p, r) for p, r, _ in skipped])
+        self.report.add_bad([(p, r) for p, r, _ in found])
         if sample is None:
-            raise no_readable_image(self.reader.root, skipped)
+            raise no_readable_image(self.reader.root, [(p, r) for p, r, _ in skipped + found])
         return sample
+
+
+def _from(seq, start: int, stride: int, steps: list[int], offset: int) -> Iterator[int]:
+    """The items of ``seq`` whose steps are in ``steps``, in visiting order from step
+    ``offset`` on, round to the start: a binary search, not a walk past bad files."""
+    first = bisect.bisect_left(steps, offset)
+    for j in range(len(steps)):
+        yield seq[(start + steps[(first + j) % len(steps)] * stride) % len(seq)]
 
 
 def no_readable_image(folder: str, skipped: list[tuple[str, str]]) -> DataError:

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import DataError
 from .faults import STOP_SIGNALS
-from .images import DataReport, no_readable_image, strict_error
+from .data_report import BAD_SHARE, DataReport, bad_share_line
+from .images import ImageFolderDataset, no_readable_image, strict_error
 
 _logger = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ _logger = logging.getLogger(__name__)
 def resolve_data_config(recorded: dict, model: torch.nn.Module | None = None,
                         img_size: int | None = None) -> dict:
     """timm's data config from what the checkpoint records, with ``img_size`` overriding
-    the spatial size (e.g. 32 px for a quick run on small images)."""
+    the spatial size (e.g. 32 px for a quick run on small images).
+
+    What neither the record nor a timm model's pretrained config gives is timm's
+    ImageNet default; the config then lists it under ``assumed`` and a warning names
+    the values, since a user's model may have been normalised otherwise."""
     from timm.data import resolve_data_config as timm_resolve
 
     args: dict[str, Any] = {k: recorded[k] for k in
@@ -45,7 +50,17 @@ def resolve_data_config(recorded: dict, model: torch.nn.Module | None = None,
         channels = args.get("input_size", (3,))[0]
         args["input_size"] = (channels, img_size, img_size)
     cfg = timm_resolve(args, model=model)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    own = getattr(model, "pretrained_cfg", None) or {}
+    assumed = [k for k in ("mean", "std", "interpolation", "crop_pct")
+               if k in recorded.get("assumed", []) or (k not in args and own.get(k) is None)]
+    if assumed:
+        cfg["assumed"] = assumed
+        _logger.warning("no %s recorded for this model: assumed %s; if it was trained "
+                        "otherwise, record its own with `gct-surgery inject ... --mean M --std S "
+                        "--interpolation I --crop-pct C` (or save(..., data={...}))", ", ".join(assumed),
+                        ", ".join(f"{k} {cfg[k]}" for k in assumed))
+    return cfg
 
 
 def create_transform(cfg: dict, *, training: bool, augment: bool = True):
@@ -75,35 +90,40 @@ class ResumableSampler(DistributedSampler):
 
 
 class _Reported(Dataset):
-    """Items ``(sample, skipped)``: what ``ImageFolderDataset.load`` gives, and for any
-    other dataset (a ``--task``'s) the sample with nothing skipped.
+    """Items ``(sample, skipped, found)``: what ``ImageFolderDataset.load`` gives, and for
+    any other dataset (a ``--task``'s) the sample with nothing skipped.
 
-    Training replaces a bad sample by the next readable one (every batch keeps its
-    size, so every rank and a resumed run step alike); evaluation drops it (a duplicate
-    would bias the metrics)."""
+    Training replaces a bad sample by a readable one of its class, drawn from ``seed``,
+    ``epoch`` and the index (every batch keeps its size, so every rank and a resumed
+    run step alike); evaluation drops it (a duplicate would bias the metrics)."""
 
-    def __init__(self, dataset: Dataset, indices: range | None = None, *, replace: bool = True) -> None:
+    def __init__(self, dataset: Dataset, indices: range | None = None, *, replace: bool = True,
+                 seed: int = 0) -> None:
         self.dataset = dataset
         self.indices = indices
         self.replace = replace
+        self.seed = seed
+        self.epoch = 0  # set by ``start_epoch`` before the workers start
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.dataset)
 
     def __getitem__(self, i: int):
         j = self.indices[i] if self.indices is not None else i
-        load = getattr(self.dataset, "load", None)
-        return load(j, replace=self.replace) if load is not None else (self.dataset[j], [])
+        if isinstance(self.dataset, ImageFolderDataset):
+            return self.dataset.load(j, replace=self.replace, epoch=self.epoch, seed=self.seed)
+        return self.dataset[j], [], []
 
 
-def collate_reported(items: list) -> tuple[Any, list[tuple[str, str]]]:
+def collate_reported(items: list) -> tuple[Any, list, list]:
     """torch's default collate of the samples, and the bad files, passed alongside
     (this runs in the worker process; the batch carries the count home)."""
     from torch.utils.data import default_collate
 
-    skipped = [s for _, sk in items for s in sk]
-    samples = [sample for sample, _ in items if sample is not None]
-    return (default_collate(samples) if samples else None), skipped
+    skipped = [s for _, sk, _ in items for s in sk]
+    found = [f for _, _, fd in items for f in fd]
+    samples = [sample for sample, _, _ in items if sample is not None]
+    return (default_collate(samples) if samples else None), skipped, found
 
 
 def _worker_init(worker_id: int) -> None:
@@ -112,15 +132,21 @@ def _worker_init(worker_id: int) -> None:
     group, and a worker killed by the signal crashes the main process ("DataLoader
     worker ... exited unexpectedly") before it can save. Forked workers (Linux's
     default) inherit the main process's handler anyway; spawned and forkserver ones
-    (macOS, Python 3.14) do not, and are covered from here on."""
+    (macOS, Python 3.14) do not, and are covered from here on. A forked worker also
+    closes its copy of the run folder's lock (``lock.close_inherited``)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    from .lock import close_inherited
+
+    close_inherited()
 
 
 class ReportingLoader(DataLoader):
     """A DataLoader whose batches arrive with the bad files they skipped: it yields the
     batch alone, counts the files into ``report`` and, under ``strict``, raises at the
-    first one. ``on_bad(path, reason)`` hears of each new bad file."""
+    first one. ``on_bad(path, reason)`` hears of each new bad file. A class with more
+    than ``BAD_SHARE`` of its files unreadable is warned about once (and recorded in
+    the report)."""
 
     def __init__(self, *args, report: DataReport | None = None, strict: bool = False,
                  on_bad: Callable[[str, str], None] | None = None, **kwargs) -> None:
@@ -128,26 +154,64 @@ class ReportingLoader(DataLoader):
         self.report = report if report is not None else DataReport()
         self.strict = strict
         self.on_bad = on_bad
+        self._synced = -1
+        self._bad_per_class: dict[int, int] = {}
+
+    def _images(self) -> ImageFolderDataset | None:
+        ds = getattr(self.dataset, "dataset", None)
+        return ds if isinstance(ds, ImageFolderDataset) else None
+
+    def _sync(self) -> None:
+        """Before the workers start: the bad files known so far are never decoded again,
+        and the per-class index is built once here, not in every worker."""
+        ds = self._images()
+        if ds is None or len(self.report.bad) == self._synced:
+            return
+        self._synced = len(self.report.bad)
+        ds.remember(self.report.bad)
+        self._bad_per_class = ds.bad_per_class()
+        if self.dataset.replace:
+            ds.by_class()
 
     def __iter__(self):
+        self._sync()
         yielded, tried = False, []
-        for batch, skipped in super().__iter__():
-            if skipped:
+        for batch, skipped, found in super().__iter__():
+            if skipped or found:
                 if self.strict:
-                    raise strict_error(*skipped[0])
-                for path, reason in self.report.add_skipped(skipped):
+                    raise strict_error(*(skipped or found)[0][:2])
+                new = self.report.add_skipped([(p, r) for p, r, _ in skipped])
+                new += self.report.add_bad([(p, r) for p, r, _ in found])
+                for path, reason in new:
                     _logger.info("skipped %s: %s", path, reason)  # the CLI warns through on_bad
                     if self.on_bad is not None:
                         self.on_bad(path, reason)
+                if new:
+                    labels = {p: label for p, _, label in skipped + found}
+                    self._count_share([labels[p] for p, _ in new])
             if batch is None:
                 if self.dataset.replace:  # training: no file of the split is readable
-                    raise self._nothing_readable(skipped)
-                tried += skipped
+                    raise self._nothing_readable([(p, r) for p, r, _ in skipped + found])
+                tried += [(p, r) for p, r, _ in skipped]
                 continue
             yielded = True
             yield batch
         if tried and not yielded:
             raise self._nothing_readable(tried)
+
+    def _count_share(self, labels: list[int]) -> None:
+        """Warn once for a class whose unreadable share passes ``BAD_SHARE``."""
+        ds = self._images()
+        if ds is None:
+            return
+        for label in labels:
+            self._bad_per_class[label] = bad = self._bad_per_class.get(label, 0) + 1
+            total = len(ds.by_class().get(label, ()))
+            name = ds.classes[label] if label < len(ds.classes) else str(label)
+            if total and bad > BAD_SHARE * total:
+                if name not in self.report.bad_share:
+                    _logger.warning("%s", bad_share_line(name, bad, total))
+                self.report.bad_share[name] = [max(bad, self.report.bad_share.get(name, [0])[0]), total]
 
     def _nothing_readable(self, skipped: list[tuple[str, str]]) -> DataError:
         reader = getattr(self.dataset.dataset, "reader", None)
@@ -169,7 +233,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, training: bool, seed: int 
                   worker_init_fn=_worker_init if workers else None, report=report,
                   strict=strict, on_bad=on_bad)
     if training:
-        items = _Reported(dataset)
+        items = _Reported(dataset, seed=seed)
         sampler = ResumableSampler(items, num_replicas=world_size, rank=rank, shuffle=True,
                                    seed=seed, drop_last=True)
         # Its own generator: creating an iterator never draws from the global RNG, and
@@ -185,5 +249,6 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Set the epoch's order, and skip the batches a resumed run has already done."""
     sampler = loader.sampler
     sampler.set_epoch(epoch)
+    loader.dataset.epoch = epoch  # replacements of bad samples are drawn per epoch
     sampler.skip = skip_batches * loader.batch_size
     loader.generator.manual_seed(sampler.seed * 100_003 + epoch)

@@ -37,9 +37,9 @@ from torch import nn
 from ..core.gate import set_gate_impl
 from ..core.heads import model_num_classes, replace_head
 from ..errors import UserError
-from ..io.checkpoint import load_checkpoint, rebuild, save
+from ..io.checkpoint import rebuild, save
 from ..io.metadata import CheckpointMeta
-from . import distributed
+from . import distributed, lock
 from .config import RunResult, TrainConfig, ema_decay_for
 from .device import autocast, batch_size_of, to_device
 from .evaluate import evaluate, evaluate_checkpoint  # noqa: F401 (re-exported)
@@ -53,6 +53,7 @@ from .recipe import Recipe
 from .run import Event, Run
 from .stages import Stage, freeze_for_stage, make_optimizer, make_scheduler, set_train_mode
 from .task import Task, load_task
+from .world import check_world, data_record, load_for_training
 
 _logger = logging.getLogger(__name__)
 
@@ -63,13 +64,10 @@ def log_event(kind: str, info: dict) -> None:
 def finetune(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *,
              on_event: Event | None = None) -> RunResult:
     """Fine-tune a gct-surgery checkpoint through every stage of ``recipe``."""
-    run_dir = Path(config.out)
-    if (run_dir / STATE_FILE).exists():
-        raise RunError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
-                       "or choose another --out")
-    loaded = load_checkpoint(checkpoint)
-    return run_recipe(loaded.model, loaded.meta, recipe, config, on_event or log_event,
-                    state=None, source=str(checkpoint))
+    with lock.new_run(config.out):  # one process per run folder, for the whole run
+        loaded = load_for_training(checkpoint)
+        return run_recipe(loaded.model, loaded.meta, recipe, config, on_event or log_event,
+                          state=None, source=str(checkpoint))
 
 
 def resume(run_dir: str | Path, *, on_event: Event | None = None,
@@ -78,13 +76,14 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
     """Continue an interrupted run from its train state, with its own recipe and config
     (``data``, ``strict`` and ``skip_nonfinite`` may be changed)."""
     run_dir = Path(run_dir)
-    state = read_state(run_dir)
     overrides = {k: v for k, v in (("data", data), ("strict", strict),
                                    ("skip_nonfinite", skip_nonfinite)) if v is not None}
-    config, recipe, source = read_run_info(run_dir, overrides)
-    meta = CheckpointMeta.from_json(state["meta"], run_dir / STATE_FILE)
-    return run_recipe(rebuild(meta), meta, recipe, config, on_event or log_event, state=state,
-                    source=source)
+    with lock.hold(run_dir, create=False):  # a live run of this folder is never touched
+        state = read_state(run_dir)
+        config, recipe, source = read_run_info(run_dir, overrides)
+        meta = CheckpointMeta.from_json(state["meta"], run_dir / STATE_FILE)
+        return run_recipe(rebuild(meta), meta, recipe, config, on_event or log_event, state=state,
+                          source=source)
 
 
 def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: TrainConfig,
@@ -107,6 +106,7 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
 
     data_cfg = resolve_data_config(meta.data, model, img_size=config.img_size)
     train_set, val_set = task.datasets(Path(config.data), data_cfg, augment=config.augment)
+    check_world(state, meta, model, recipe, config, task, (train_set, val_set), ctx.world_size)
 
     # Model: a new head when the data has another class count, seeded. A new head
     # is random: gates stages then train it too.
@@ -146,11 +146,11 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
             remove_stale_temps(run.run_dir)
     else:
         if ctx.is_main:
-            write_run_info(run.run_dir, source=source, config=config, recipe=recipe,
-                           world_size=ctx.world_size)
+            write_run_info(run.run_dir, source=source, config=config, recipe=recipe, world_size=ctx.world_size,
+                           data=data_record(task, train_set, val_set, config, ctx.world_size))
         _epoch_zero(run)
 
-    with StopFlag() as stop:
+    with StopFlag(run.run_dir) as stop:
         run.stop = stop
         try:
             while run.progress.stage_index < len(recipe.stages):

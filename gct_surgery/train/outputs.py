@@ -3,18 +3,20 @@
 written atomically, and rewritten whole, so a resumed run never duplicates rows."""
 from __future__ import annotations
 
-import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from ..errors import UserError
+from ..io import atomic
 from ..io.atomic import atomic_write_text
 from ..io.figures import new_figure, save_png
-from .config import TrainConfig
-from .faults import writing
+from .config import RunResult, TrainConfig
+from .faults import RunError, writing
 from .progress import STATE_FILE
 from .recipe import Recipe, recipe_from_dict
 
@@ -70,35 +72,93 @@ def _mark_stages(axes, rows: list[dict]) -> None:
 
 
 def write_run_info(run_dir: Path, *, source: str, config: TrainConfig, recipe: Recipe,
-                   world_size: int) -> None:
-    """run.json (checkpoint, config, recipe: what ``resume`` rebuilds the run from) and
-    recipe.json (the recipe alone, to read or reuse)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+                   world_size: int, data: dict | None = None) -> None:
+    """run.json (checkpoint, config, recipe: what ``resume`` rebuilds the run from, and
+    what the data was: ``world.data_record``) and recipe.json (the recipe alone, to
+    read or reuse)."""
+    atomic.make_folder(run_dir, "run folder")
     info = {"checkpoint": source, "config": asdict(config), "recipe": recipe.to_dict(),
             "world_size": world_size}
+    if data is not None:
+        info["data"] = data
     with writing(run_dir / "run.json"):
         atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
     with writing(run_dir / "recipe.json"):
         atomic_write_text(run_dir / "recipe.json", recipe.to_json() + "\n")
 
 
+RUN_INFO = {"checkpoint": str, "config": dict, "recipe": dict, "world_size": int, "data": dict}
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+
+
+def _damaged_json(path: Path, what: str) -> RunError:
+    return RunError(f"{path} is damaged or was edited ({what}), so the run cannot resume from it; "
+                    "restore it from a copy, or start the run again with a new --out")
+
+
+def read_json_doc(path: Path, fields: dict[str, type], required: tuple[str, ...]) -> dict:
+    """A JSON object with known fields of known types, or one ``RunError`` line."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path.parent} has no {path.name}, so it cannot be resumed (is it a run "
+                       "folder?); start the run again with a new --out") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged_json(path, f"not valid JSON: {str(e).splitlines()[0][:80]}") from None
+    if not isinstance(doc, dict):
+        raise _damaged_json(path, "not a JSON object")
+    for key, value in doc.items():
+        if key not in fields:
+            raise _damaged_json(path, f"unknown field {key!r}")
+        if not isinstance(value, fields[key]) or (fields[key] is int and isinstance(value, bool)):
+            raise _damaged_json(path, f"{key} is not a {getattr(fields[key], '__name__', 'value')}")
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise _damaged_json(path, f"no {missing[0]!r}")
+    return doc
+
+
+def read_run_json(run_dir: Path) -> dict:
+    """run.json, validated field by field (what the run started from)."""
+    return read_json_doc(Path(run_dir) / "run.json", RUN_INFO, ("checkpoint", "config", "recipe"))
+
+
 def read_run_info(run_dir: Path, overrides: dict) -> tuple[TrainConfig, Recipe, str]:
     """What run.json records: the config (with ``overrides`` applied), the recipe, and
-    the checkpoint the run started from."""
-    info = json.loads((run_dir / "run.json").read_text())
-    config = TrainConfig(**{**info["config"], **overrides, "out": str(run_dir)})
-    recipe = recipe_from_dict(info["recipe"], source=info["recipe"].get("source", "recipe"))
-    return config, recipe, info.get("checkpoint", "?")
+    the checkpoint the run started from. Every config value is checked for its type."""
+    path = Path(run_dir) / "run.json"
+    info = read_run_json(run_dir)
+    _check_config(path, info["config"])
+    try:
+        config = TrainConfig(**{**info["config"], **overrides, "out": str(run_dir)})
+        recipe = recipe_from_dict(info["recipe"], source=str(info["recipe"].get("source", "recipe")))
+    except TypeError as e:
+        raise _damaged_json(path, str(e)) from None
+    except UserError as e:
+        raise _damaged_json(path, str(e)) from None
+    return config, recipe, info["checkpoint"]
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Every recorded config value is a field of ``TrainConfig``, of that field's type."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in config.items():
+        if key not in known:
+            raise _damaged_json(path, f"unknown config field {key!r}")
+        kinds = tuple(_TYPES.get(t.strip(), object) for t in str(known[key].type).split("|"))
+        flat = tuple(k for kind in kinds for k in (kind if isinstance(kind, tuple) else (kind,)))
+        if not isinstance(value, flat) or (isinstance(value, bool) and bool not in flat):
+            raise _damaged_json(path, f"config {key} is {value!r:.40}")
 
 
 def remove_stale_temps(run_dir: Path) -> None:
     """A process killed mid-write leaves its temp file (``.last.safetensors.XXXX.tmp``);
-    the output itself is intact. A resumed run removes those leftovers."""
-    for path in run_dir.glob(".*.tmp"):
-        if any(path.name.startswith(f".{name}.") for name in RUN_FILES):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                _logger.info("removed %s, left by an interrupted write", path)
+    the output itself is intact. A resumed run removes those leftovers; a temp file a
+    live process still writes is locked and left alone (``atomic.remove_stale_temps``)."""
+    for name in RUN_FILES:
+        for path in atomic.remove_stale_temps(run_dir, name):
+            _logger.info("removed %s, left by an interrupted write", path)
+
 
 # --- a comparison's files ------------------------------------------------------------
 
@@ -133,3 +193,58 @@ def write_comparison(comparison) -> tuple[Path, Path]:
     _mark_stages(fig.axes, comparison.runs[0].gct.rows)
     fig.suptitle(comparison.verdict.text, fontsize=9, wrap=True)
     return doc_path, save_png(fig, plt, out / "metrics.png")
+
+
+COMPARISON_PLAN = "comparison-run.json"  # what a comparison was asked: resumable as one unit
+ARM_RESULT = "result.json"                # a finished arm of a comparison
+PLAN_FIELDS = {"checkpoint": str, "recipe": dict, "config": dict, "seeds": int, "plain": bool}
+
+
+def write_comparison_plan(out: Path, *, checkpoint: str, recipe: Recipe, config: TrainConfig,
+                          seeds: int, plain: bool) -> None:
+    """``OUT/comparison-run.json``: what ``finetune --resume OUT`` continues."""
+    atomic.make_folder(out, "comparison folder")
+    doc = {"checkpoint": checkpoint, "recipe": recipe.to_dict(), "config": asdict(config),
+           "seeds": seeds, "plain": plain}
+    with writing(out / COMPARISON_PLAN):
+        atomic_write_text(out / COMPARISON_PLAN, json.dumps(doc, indent=2) + "\n")
+
+
+def read_comparison_plan(out: Path) -> tuple[str, Recipe, TrainConfig, int, bool]:
+    """The plan ``write_comparison_plan`` wrote, validated like run.json."""
+    path = Path(out) / COMPARISON_PLAN
+    doc = read_json_doc(path, PLAN_FIELDS, tuple(PLAN_FIELDS))
+    _check_config(path, doc["config"])
+    try:
+        config = TrainConfig(**{**doc["config"], "out": str(out)})
+        recipe = recipe_from_dict(doc["recipe"], source=str(doc["recipe"].get("source", "recipe")))
+    except (TypeError, UserError) as e:
+        raise _damaged_json(path, str(e)) from None
+    return doc["checkpoint"], recipe, config, doc["seeds"], doc["plain"]
+
+
+def write_arm_result(result: RunResult) -> None:
+    """``result.json`` in a finished arm's folder: a resumed comparison reads it back
+    instead of running the arm again."""
+    path = Path(result.run_dir) / ARM_RESULT
+    with writing(path):
+        atomic_write_text(path, json.dumps({"result": result.to_dict(), "rows": result.rows},
+                                           default=str) + "\n")
+
+
+def read_arm_result(run_dir: Path) -> RunResult | None:
+    """The finished arm's result, or None when the arm has not finished."""
+    path = Path(run_dir) / ARM_RESULT
+    if not path.is_file():
+        return None
+    doc = read_json_doc(path, {"result": dict, "rows": list}, ("result", "rows"))
+    r = doc["result"]
+    try:
+        return RunResult(Path(run_dir), doc["rows"], r["best"], float(r["seconds"]), int(r["params"]),
+                         int(r["gate_params"]), int(r["trainable_params"]), data=dict(r["data"]),
+                         nonfinite_skipped=int(r["nonfinite_skipped"]),
+                         metric_names=tuple(r["metric_names"]), primary_metric=str(r["primary_metric"]),
+                         higher_is_better=bool(r["higher_is_better"]), stages=list(r["stages"]),
+                         val_samples=int(r["val_samples"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _damaged_json(path, f"result: {e}") from None

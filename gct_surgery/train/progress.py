@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..io.atomic import atomic_path
+from .data_report import DataReport
 from .distributed import Dist
-from .faults import NonFiniteLossError, RunError, nonfinite_weight, writing
+from .faults import NonFiniteLossError, RunError, nonfinite_weight, note_saved, writing
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
@@ -97,8 +98,6 @@ class Progress:
         """The progress ``state`` saved; ``data_report`` (what this process has counted
         so far, a ``data.DataReport``) is merged into the saved report."""
         if state.get("data_report"):
-            from .images import DataReport
-
             data_report = DataReport.from_state(json.loads(state["data_report"])).merge(data_report)
         loss_sum, samples, seconds = (float(v) for v in state["epoch_sums"])
         return cls(stage_index=int(state["stage_index"]), epoch=int(state["epoch"]),
@@ -117,8 +116,6 @@ class Progress:
 def scan_data_report(*datasets) -> Any:
     """What the data folders held besides good images (an empty report for a --task's
     own datasets)."""
-    from .images import DataReport
-
     report = DataReport()
     for ds in datasets:
         if isinstance(getattr(ds, "report", None), DataReport):
@@ -131,8 +128,6 @@ def gather_data_report(report: Any, ctx: Dist) -> Any:
     if not ctx.enabled:
         return report
     import torch.distributed as dist
-
-    from .images import DataReport
 
     parts: list = [None] * ctx.world_size
     dist.all_gather_object(parts, report.to_state())
@@ -172,6 +167,8 @@ def write_state(run_dir: Path, progress: Progress, stage_name: str, *, meta_json
     path = Path(run_dir) / STATE_FILE
     with writing(path, hint), atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+    note_saved(run_dir, f"stage {stage_name!r} with {progress.epoch} epoch(s) and "
+                        f"{progress.step_in_epoch} step(s) done")
 
 
 def _plain(d: dict) -> dict:
@@ -181,7 +178,8 @@ def _plain(d: dict) -> dict:
 
 
 def read_state(run_dir: Path) -> dict:
-    """The train state of ``run_dir``, read safely; a ``RunError`` when there is none."""
+    """The train state of ``run_dir``, read safely and validated like a checkpoint header
+    (``check_state``); a ``RunError`` when there is none or it is damaged."""
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise RunError(f"{run_dir} has no {STATE_FILE}: nothing to resume (is it a run folder?)")
@@ -192,7 +190,82 @@ def read_state(run_dir: Path) -> dict:
                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise RunError(f"{path} is not a gct-surgery train state of version {STATE_VERSION}")
+    check_state(state, path)
     return state
+
+
+_COUNTS = ("stage_index", "epoch", "step_in_epoch", "stage_step", "trainable_max",
+           "nonfinite_skipped", "global_step", "val_samples")
+_JSON = {"rows": list, "best": (dict, type(None)), "stages": list, "data_report": dict}
+_TENSOR_DICTS = ("model", "ema")
+_DICTS = ("optimizer", "scheduler", "scaler", "rng")
+_FLOATS = ("last_lr", "last_base_lr")
+STATE_KEYS = frozenset({"version", "meta", "epoch_sums", *_COUNTS, *_JSON, *_TENSOR_DICTS,
+                        *_DICTS, *_FLOATS})
+_OPTIONAL = frozenset({"last_lr", "last_base_lr", "nonfinite_skipped", "data_report",
+                       "global_step", "stages", "val_samples"})
+
+
+def damaged(path: Path, what: str) -> RunError:
+    return RunError(f"{path} is damaged or was edited ({what}), so the run cannot resume from "
+                    "it; start the run again with a new --out (or restore the folder from a copy)")
+
+
+def check_state(state: dict, path: Path) -> None:
+    """Every value a resume reads, checked for its type and range before it is used: a
+    truncated, edited or hostile ``state.pt`` is one line, never a traceback or a run
+    that silently trains the wrong amount."""
+    unknown = sorted(str(k) for k in state if k not in STATE_KEYS)
+    if unknown:
+        raise damaged(path, f"unknown field {unknown[0]!r}")
+    missing = sorted(k for k in STATE_KEYS - _OPTIONAL if k not in state)
+    if missing:
+        raise damaged(path, f"no {missing[0]!r}")
+    if not isinstance(state["meta"], str):
+        raise damaged(path, "meta is not a JSON document")
+    for key in _COUNTS:
+        v = state.get(key, 0)
+        if type(v) is not int or v < 0:
+            raise damaged(path, f"{key} is {_show(v)}, not a count of 0 or more")
+    for key in _FLOATS:
+        if key in state and type(state[key]) not in (float, int):
+            raise damaged(path, f"{key} is {_show(state[key])}, not a number")
+    sums = state["epoch_sums"]
+    if (not isinstance(sums, (list, tuple)) or len(sums) != 3
+            or not all(type(v) in (float, int) and v >= 0 for v in sums)):
+        raise damaged(path, f"epoch_sums is {_show(sums)}, not three numbers of 0 or more")
+    for key, kind in _JSON.items():
+        if key not in state:
+            continue
+        try:
+            value = json.loads(state[key]) if isinstance(state[key], str) else None
+        except ValueError:
+            value = None
+        if not isinstance(value, kind):
+            raise damaged(path, f"{key} is not the JSON it should be")
+    rows = json.loads(state["rows"])
+    if not rows or not all(isinstance(r, dict) and type(r.get("epoch")) is int and isinstance(r.get("stage"), str)
+                           for r in rows):
+        raise damaged(path, "rows are not metrics rows")
+    for key in _TENSOR_DICTS:
+        d = state[key]
+        if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in d.items()):
+            raise damaged(path, f"{key} is not a mapping of names to tensors")
+    for key in _DICTS:
+        if not isinstance(state[key], dict):
+            raise damaged(path, f"{key} is not a mapping")
+    if state["optimizer"] and not {"state", "param_groups"} <= set(state["optimizer"]):
+        raise damaged(path, "optimizer is not an optimizer state")
+    try:
+        DataReport.from_state(json.loads(state.get("data_report", "{}")))
+        check_rng(state["rng"])
+    except (ValueError, TypeError) as e:
+        raise damaged(path, str(e)) from None
+
+
+def _show(v: Any) -> str:
+    return f"{v!r}"[:40] if not isinstance(v, torch.Tensor) else f"a tensor of shape {tuple(v.shape)}"
 
 
 # --- random number generators -------------------------------------------------------
@@ -215,6 +288,28 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_rng(state: dict) -> None:
+    """The RNG states ``rng_state`` saved, by type and size (a ``ValueError`` if not)."""
+    ok_torch = (isinstance(state.get("torch"), torch.Tensor) and state["torch"].dtype == torch.uint8
+                and state["torch"].shape == torch.get_rng_state().shape)
+    py = state.get("python")
+    ok_python = (isinstance(py, (list, tuple)) and len(py) == 3 and type(py[0]) is int
+                 and isinstance(py[1], (list, tuple)) and len(py[1]) == 625
+                 and all(type(v) is int and 0 <= v < 2**32 for v in py[1])
+                 and (py[2] is None or type(py[2]) is float))
+    npy = state.get("numpy")
+    ok_numpy = (isinstance(npy, (list, tuple)) and len(npy) == 5 and npy[0] == "MT19937"
+                and isinstance(npy[1], torch.Tensor) and tuple(npy[1].shape) == (624,)
+                and type(npy[2]) is int and 0 <= npy[2] <= 624 and type(npy[3]) is int
+                and type(npy[4]) in (float, int))
+    cuda = state.get("cuda", [])
+    ok_cuda = isinstance(cuda, (list, tuple)) and all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    for name, ok in (("torch", ok_torch), ("python", ok_python), ("numpy", ok_numpy), ("cuda", ok_cuda)):
+        if not ok:
+            raise ValueError(f"the {name} random state is malformed")
 
 
 def set_rng_state(state: dict) -> None:

@@ -17,6 +17,11 @@ Three kinds of stage, after the protocols practitioners use on pretrained models
 ``full``
     Everything trains; the base at a lower learning rate than the gates.
 
+Parameters the user froze (``requires_grad=False`` when the first stage starts, e.g.
+a BatchNorm bias fixed at zero) stay frozen in every stage, ``full`` included, and so
+do parameters matching the stage's ``keep_frozen`` patterns. The user's flags are
+remembered on the model (``remember_user_flags``) the first time a stage freezes it.
+
 Weight decay: gate ``beta`` never decays (the official code: "not to apply weight
 decay on the gating bias"); ``alpha`` and ``gamma`` use ``gate_weight_decay``. Gate
 parameters are found by module type (``GCT``), not by name. timm's optimizer factory
@@ -27,6 +32,9 @@ tensors are shaped (1, C, 1, 1). So the groups are built here and handed to
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+
+import functools
+import re
 
 import torch
 from torch import nn
@@ -58,8 +66,20 @@ class Stage:
     sched: str = "cosine"             # any timm scheduler name
     warmup: float = 0.1               # fraction of the stage's steps spent warming up
     min_lr: float = 0.0
+    keep_frozen: tuple[str, ...] = ()  # regexes on parameter names that never train
 
     def __post_init__(self) -> None:
+        patterns = (self.keep_frozen,) if isinstance(self.keep_frozen, str) else self.keep_frozen
+        if not isinstance(patterns, (list, tuple)):
+            raise UserError(f"stage {self.name!r}: keep_frozen should be a list of regular "
+                            f"expressions on parameter names, got {self.keep_frozen!r}")
+        object.__setattr__(self, "keep_frozen", tuple(patterns))
+        for pattern in self.keep_frozen:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise UserError(f"stage {self.name!r}: keep_frozen pattern {pattern!r} is not a "
+                                f"regular expression: {e}") from None
         if self.kind not in STAGE_KINDS:
             raise UserError(f"stage {self.name!r}: unknown kind {self.kind!r}; "
                             f"choose one of {', '.join(STAGE_KINDS)}")
@@ -85,6 +105,7 @@ class Stage:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["keep_frozen"] = list(self.keep_frozen)
         d["base_lr"] = self.effective_base_lr
         d["freeze_bn"] = self.bn_frozen
         return d
@@ -116,16 +137,60 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
 
 # --- freezing ---------------------------------------------------------------------
 
+_USER_FLAGS = "_gct_user_frozen"  # names of the parameters the user froze
+_BN_HELD = "_gct_bn_held"  # BatchNorm kept in eval mode whatever model.train() says
+_BASE_FROZEN = "_gct_base_frozen"  # freeze_base holds the model
+
+
+def remember_user_flags(model: nn.Module) -> frozenset[str]:
+    """The names of the parameters the user froze (``requires_grad=False``), recorded
+    on the model the first time; later calls return that first record."""
+    frozen = model.__dict__.get(_USER_FLAGS)
+    if frozen is None:
+        frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+        model.__dict__[_USER_FLAGS] = frozen
+    return frozen
+
+
+def restore_user_flags(model: nn.Module) -> None:
+    """Every parameter back to the user's own flag, and the record forgotten."""
+    frozen = model.__dict__.pop(_USER_FLAGS, None)
+    if frozen is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+
+
+def kept_frozen(model: nn.Module, stage: Stage) -> set[int]:
+    """Parameters that never train: the user's own frozen ones and the stage's
+    ``keep_frozen`` patterns (each must match a parameter outside the gates)."""
+    user = remember_user_flags(model)
+    named = list(model.named_parameters())
+    ids = {id(p) for n, p in named if n in user}
+    for pattern in stage.keep_frozen:
+        hits = [(n, p) for n, p in named if re.search(pattern, n)]
+        if not any(not _is_gate_name(n) for n, _ in hits):
+            example = next((n for n, _ in named if not _is_gate_name(n)), "none")
+            raise UserError(f"stage {stage.name!r}: keep_frozen pattern {pattern!r} matches no "
+                            f"parameter (names look like {example!r})")
+        ids |= {id(p) for _, p in hits}
+    return ids
+
+
+def _is_gate_name(name: str) -> bool:
+    return ".gate." in f".{name}"
+
+
 def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = False) -> int:
     """Set ``requires_grad`` for the stage and return how many parameters train.
+    Parameters the user froze, or ``keep_frozen`` names, never train.
 
     ``allow_empty``: a control run (gates removed) may have a stage with nothing to
     train, which then leaves the model as it is; anywhere else that is a mistake."""
+    frozen = kept_frozen(model, stage)
     if stage.kind == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        trainable = {id(p) for p in model.parameters()}
     else:
-        trainable: set[int] = set()
+        trainable = set()
         if stage.kind == "gates":
             betas, others = gate_parameters(model)
             trainable |= {id(p) for p in betas + others}
@@ -133,8 +198,8 @@ def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = Fals
             trainable |= {id(p) for p in head_parameters(model)}
         if stage.train_bn:
             trainable |= {id(p) for m in bn_modules(model) for p in m.parameters(recurse=False)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable and id(p) not in frozen)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n == 0 and allow_empty:
         return 0
@@ -143,7 +208,8 @@ def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = Fals
                         "head (no Linear layer); use a 'gates' or 'full' stage")
     if n == 0:
         raise UserError(f"stage {stage.name!r} has nothing to train: the model has no gates "
-                        "(train_head or a 'full' stage would give it something)")
+                        "(train_head or a 'full' stage would give it something), or all of "
+                        "it is frozen")
     return n
 
 
@@ -153,6 +219,43 @@ def set_train_mode(model: nn.Module, stage: Stage) -> None:
     if stage.bn_frozen:
         for m in bn_modules(model):
             m.eval()
+
+
+def hold_bn_eval(model: nn.Module) -> None:
+    """Keep every BatchNorm in eval mode, its running statistics untouched, even
+    through a later ``model.train()``: each one's ``train`` is overridden."""
+    for m in bn_modules(model):
+        if _BN_HELD not in m.__dict__:
+            m.__dict__["train"] = functools.partial(_stay_in_eval, m)
+            m.__dict__[_BN_HELD] = True
+        m.train(False)
+
+
+def release_bn(model: nn.Module, mode: bool | None = None) -> None:
+    """Undo ``hold_bn_eval``: BatchNorm follows ``model.train()`` again, now set to
+    ``mode`` (default: the model's own mode)."""
+    for m in bn_modules(model):
+        if m.__dict__.pop(_BN_HELD, None):
+            m.__dict__.pop("train", None)
+        m.train(model.training if mode is None else mode)
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """A held BatchNorm's ``train``: eval whatever is asked (a module-level function,
+    so a held model still pickles and deep-copies)."""
+    return nn.Module.train(module, False)
+
+
+def base_is_frozen(model: nn.Module) -> bool:
+    """True between ``freeze_base`` and ``unfreeze`` (``mark_base_frozen``)."""
+    return bool(model.__dict__.get(_BASE_FROZEN, False))
+
+
+def mark_base_frozen(model: nn.Module, frozen: bool) -> None:
+    if frozen:
+        model.__dict__[_BASE_FROZEN] = True
+    else:
+        model.__dict__.pop(_BASE_FROZEN, None)
 
 
 # --- optimizer groups -------------------------------------------------------------

@@ -23,7 +23,12 @@ an instance that has these members::
 
 ``metric_sums`` returns *sums* over the batch, not means: the loop adds them over
 batches and ranks and divides by the sample count, so the numbers are exact under
-torchrun. Optional: ``check_model(model)`` (raise a ``UserError`` when the model does
+torchrun. ``output`` is what the model returns, as it is: a tuple of side outputs
+(deep supervision) arrives as the tuple, and a model that ends in a sigmoid gives
+probabilities (``binary_cross_entropy``, not ``..._with_logits``). ``data_config``
+holds the checkpoint's recorded preprocessing (mean, std...). A task file imports with
+its own folder on the import path, so it may import the modules beside it.
+docs/finetuning.md has examples for sigmoid outputs, side outputs and segmentation. Optional: ``check_model(model)`` (raise a ``UserError`` when the model does
 not fit the data), ``class_names`` (stored in the checkpoint), ``batch_size(target)``
 (samples in a batch; default ``len(target)``).
 
