@@ -34,3 +34,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A real image folder (3 classes, 8 train and 4 val images each) for the run tests;
+    a test module may define its own ``data``."""
+    from fixtures.runs import write_folder
+
+    return write_folder(tmp_path_factory.mktemp("data") / "imgs")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A gated ``timm:test_resnet`` checkpoint for 3 classes at 32 px."""
+    from fixtures.runs import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "gated.safetensors")

@@ -19,17 +19,9 @@ from gct_surgery.train.config import TrainConfig
 from gct_surgery.train.loop import finetune
 from gct_surgery.train.recipe import default_recipe, recipe_from_dict
 
-from fixtures.runs import make_checkpoint, write_folder
+from fixtures.runs import make_checkpoint
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "imgs", train=8, val=4)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "gated.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from gct_surgery.train.loop import finetune
 from gct_surgery.train.progress import read_state
 from gct_surgery.train.recipe import default_recipe
 
-from fixtures.runs import make_checkpoint, write_folder
+from fixtures.disks import fill
 
 # 24 train images, batch 8: 3 steps an epoch; gates 1 epoch (steps 1-3), then full 1
 # epoch (steps 4-6); a mid-epoch state at the 2nd step of each epoch.
@@ -39,14 +39,6 @@ ARGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "
 RECIPE = default_recipe().override(epochs=1, lr=0.02)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "imgs")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "gated.safetensors")
 
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -244,18 +236,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
 
 
-def fill(disk: Path) -> None:
-    """Fill the file system to the last byte with one real file."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for chunk in (1 << 16, 512, 1):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
 
 
 def test_disk_full_mid_run_keeps_the_previous_files(ckpt, data, small_disk):

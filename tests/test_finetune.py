@@ -28,14 +28,6 @@ from gct_surgery.train.recipe import default_recipe
 from fixtures.runs import CLASSES, make_checkpoint, write_folder
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "imgs")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "gated.safetensors")
 
 
 def base_args(ckpt, data, out, *extra):

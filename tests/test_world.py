@@ -31,7 +31,7 @@ from gct_surgery.train.lock import LOCK_FILE, hold
 from gct_surgery.train.loop import finetune
 from gct_surgery.train.recipe import default_recipe
 
-from fixtures.runs import make_checkpoint, write_folder
+from fixtures.disks import fill
 
 ARGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
         "--lr", "0.02", "--seed", "3", "--save-every", "2"]
@@ -54,14 +54,6 @@ def one_error_line(stderr: str) -> str:
     return lines[-1]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "imgs")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "gated.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -447,17 +439,6 @@ def mount(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
-def fill(disk: Path) -> None:
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for chunk in (1 << 16, 512, 1):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
 
 
 def test_an_output_that_is_a_folder_is_one_line(ckpt, tmp_path, cli):
