@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/gct-surgery demo --out demo-out
+	HF_HUB_OFFLINE=1 $(BIN)/gct-surgery demo --out demo-out --force  # replaces an earlier demo only
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
