@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fixtures import FIXTURES, changed_keys, gates_stage_step, snapshot
 from gct_surgery import load
@@ -43,23 +41,6 @@ def _trained_weights(factory, path, **kwargs):
     return model.eval()
 
 
-def _saliency_folder(root, n: int = 4, size: int = 32):
-    """Real PNG images and masks on disk: a bright disc on noise, the disc as the mask."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    for split in ("train", "val"):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        for i in range(n):
-            cy, cx, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(4, 8))]
-            mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8) * 255
-            image = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
-            image[mask > 0] = 230
-            Image.fromarray(image).save(root / split / "images" / f"{i}.png")
-            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
-    return root
-
-
 # --- U^2-Net through the CLI and the --task hook ---------------------------------------
 
 def test_u2net_factory_file_through_cli_task_hook_and_export(cli, tmp_path):
@@ -81,7 +62,9 @@ def test_u2net_factory_file_through_cli_task_hook_and_export(cli, tmp_path):
     assert _equal(run_model(original, x), run_model(load(gated), x))
 
     # One gates-stage epoch through the --task hook, on PNGs on disk.
-    data = _saliency_folder(tmp_path / "data")
+    from fixtures.ownnet.salnet_data import write_saliency_folder
+
+    data = write_saliency_folder(tmp_path / "data")
     out = tmp_path / "run"
     run = subprocess.run([cli, "finetune", str(gated), "--data", str(data), "-o", str(out),
                           "--task", f"{FIXTURES / 'u2net.py'}:SaliencyTask", "--stage", "gates",

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..core.surgery import remove
 from ..errors import UserError
 from . import lock
-from .config import RunResult, TrainConfig
+from .config import RunResult, TrainConfig, resume_overrides
 from .faults import RunError
 from .loop import finetune, log_event, resume, run_recipe
 from .outputs import (COMPARISON_PLAN, read_arm_result, read_comparison_plan, write_arm_result,
@@ -129,7 +129,7 @@ def compare(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *, seed
     """GCT and its control (and the plain reference) for ``seeds`` seeds, then the verdict.
 
     Runs go to ``OUT/seed-S/{gct,control,plain}``; ``OUT/comparison.json`` and
-    ``OUT/comparison.png`` hold the verdict and the curves. Interrupted, it continues
+    ``OUT/metrics.png`` hold the verdict and the curves. Interrupted, it continues
     with ``resume_comparison(OUT)``.
     """
     if seeds < 1:
@@ -157,8 +157,7 @@ def resume_comparison(out: str | Path, *, on_event: Event | None = None, data: s
     one resumes, the rest start; then the verdict. ``data``, ``strict`` and
     ``skip_nonfinite`` may be changed, as for ``resume``."""
     out = Path(out)
-    overrides = {k: v for k, v in (("data", data), ("strict", strict),
-                                   ("skip_nonfinite", skip_nonfinite)) if v is not None}
+    overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
     with lock.hold(out, create=False, what="comparison"):
         checkpoint, recipe, config, seeds, plain = read_comparison_plan(out)
         return _run_arms(checkpoint, recipe, replace(config, **overrides), seeds, plain,

@@ -56,6 +56,13 @@ class TrainConfig:
             self.task = f"{Path(ref).resolve()}:{attr}"
 
 
+def resume_overrides(*, data: str | None = None, strict: bool | None = None,
+                     skip_nonfinite: int | None = None) -> dict:
+    """The settings a resumed run (or comparison) may change, those given only."""
+    given = {"data": data, "strict": strict, "skip_nonfinite": skip_nonfinite}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def ema_decay_for(config: TrainConfig, total_steps: int) -> float:
     """``--ema-decay``, or one that suits the run: an averaging window of a tenth of
     its updates (decay 1 - 10/steps), kept within [0.9, 0.9999]. timm's warm-up (decay

@@ -160,7 +160,7 @@ def check_fault_spec() -> None:
                        "kill:during_save:FILE[:N] (a testing hook; unset it to train)")
 
 
-def fault_hook(point: str, count: int) -> None:
+def fault_hook(point: str, count: int | None = None) -> None:
     """Testing hook: ``GCT_SURGERY_FAULT=ACTION:POINT:N`` makes this process send itself
     SIGKILL (``kill``), SIGTERM (``term``), SIGINT (``int``) or SIGHUP (``hup``) at a
     chosen point:
@@ -171,7 +171,7 @@ def fault_hook(point: str, count: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    if point == "after_step":  # counted over every run of this process (a comparison runs several)
+    if count is None:  # training steps, counted over every run of this process (a comparison runs several)
         _steps[0] += 1
         count = _steps[0]
     fault = parse_fault(spec)

@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..io.checkpoint import rebuild, save
 from ..io.metadata import CheckpointMeta
 from . import distributed, lock
-from .config import RunResult, TrainConfig, ema_decay_for
+from .config import RunResult, TrainConfig, ema_decay_for, resume_overrides
 from .device import autocast, batch_size_of, to_device
 from .evaluate import evaluate, evaluate_checkpoint  # noqa: F401 (re-exported)
 from .faults import (Interrupted, NonFiniteLossError, RunError, StopFlag, WriteError,  # noqa: F401
@@ -53,7 +53,7 @@ from .recipe import Recipe
 from .run import Event, Run
 from .stages import Stage, freeze_for_stage, make_optimizer, make_scheduler, set_train_mode
 from .task import Task, load_task
-from .world import check_world, data_record, load_for_training
+from .world import check_world, count_steps, data_record, load_for_training
 
 _logger = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
     """Continue an interrupted run from its train state, with its own recipe and config
     (``data``, ``strict`` and ``skip_nonfinite`` may be changed)."""
     run_dir = Path(run_dir)
-    overrides = {k: v for k, v in (("data", data), ("strict", strict),
-                                   ("skip_nonfinite", skip_nonfinite)) if v is not None}
+    overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
     with lock.hold(run_dir, create=False):  # a live run of this folder is never touched
         state = read_state(run_dir)
         config, recipe, source = read_run_info(run_dir, overrides)
@@ -253,7 +252,7 @@ def run_stage(run: Run, stage: Stage) -> None:
 
 
 def _steps_per_epoch(run: Run) -> int:
-    steps = len(run.train_set) // run.dist.world_size // run.per_rank_batch
+    steps = count_steps(len(run.train_set), run.config.batch_size, run.dist.world_size)
     if steps == 0:
         raise UserError(f"the train split has {len(run.train_set)} samples, fewer than one "
                         f"global batch of {run.config.batch_size}; lower --batch-size")
@@ -304,7 +303,6 @@ def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, opti
         progress.last_lr, progress.last_base_lr = _lrs(optimizer)  # what this update used
         progress.stage_step += 1
         progress.step_in_epoch += 1
-        run.process_steps += 1
         scheduler.step_update(progress.stage_step)
         n = batch_size_of(run.task, y)
         if not skip:
@@ -322,7 +320,7 @@ def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, opti
             t0 = time.perf_counter()
             save_state(run, optimizer, scheduler, scaler)
             saved = True
-        fault_hook("after_step", run.process_steps)
+        fault_hook("after_step")
         if run.stop is not None and distributed.broadcast_flag(run.stop.requested):
             progress.epoch_sums.seconds += time.perf_counter() - t0
             if not saved:

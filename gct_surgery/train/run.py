@@ -39,7 +39,6 @@ class Run:
     stop: StopFlag | None = None
     progress: Progress = field(default_factory=Progress)
     resume_from: dict | None = None  # the train state resumed from: its stage's optimizer...
-    process_steps: int = 0         # steps this process ran (the fault hook counts them)
 
     @property
     def resume_hint(self) -> str:

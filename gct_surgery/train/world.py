@@ -44,7 +44,8 @@ def load_for_training(checkpoint: str | Path):
     return loaded
 
 
-def steps_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
+def count_steps(samples: int, batch_size: int, world_size: int) -> int:
+    """Updates per epoch: each rank takes whole batches of its share of the samples."""
     return samples // world_size // max(batch_size // world_size, 1)
 
 
@@ -53,7 +54,7 @@ def data_record(task: Any, train_set: Any, val_set: Any, config: TrainConfig, wo
     names = getattr(task, "class_names", None)
     record: dict = {"class_names": list(names) if names else None,
                     "splits": {"train": len(train_set), "val": len(val_set)},
-                    "steps_per_epoch": steps_per_epoch(len(train_set), config.batch_size, world_size)}
+                    "steps_per_epoch": count_steps(len(train_set), config.batch_size, world_size)}
     prints = {split: ds.fingerprint() for split, ds in (("train", train_set), ("val", val_set))
               if callable(getattr(ds, "fingerprint", None))}
     if prints:
