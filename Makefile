@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/gct-surgery demo --out demo-out --force  # replaces an earlier demo only
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+test: $(STAMP)  # two test processes: each test uses one torch thread (tests/conftest.py)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
@@ -30,6 +30,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_inference.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_stages.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_startup.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_finetune_speed.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -39,7 +39,8 @@ class DemoSettings:
     gates_epochs: int = 2
     full_epochs: int = 3
     batch_size: int = 64
-    workers: int = 0
+    workers: int | None = None  # None: auto, as finetune and eval choose (train/machine.py)
+    threads: int | None = None
     seed: int = 0
     force: bool = False
 
@@ -94,12 +95,13 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
     out = _prepare(Path(s.out), s.force)
     emit = on_event or (lambda kind, info: None)
     steps: list[DemoStep] = []
-    common = (f"--img-size {s.img_size} --batch-size {s.batch_size} --workers {s.workers} "
-              f"--seed {s.seed}")
+    speed = "".join(f" --{k} {v}" for k, v in (("workers", s.workers), ("threads", s.threads))
+                    if v is not None)
+    common = f"--img-size {s.img_size} --batch-size {s.batch_size}{speed} --seed {s.seed}"
 
     def config(run: str) -> TrainConfig:
         return TrainConfig(data=str(data), out=str(out / run), batch_size=s.batch_size,
-                           workers=s.workers, seed=s.seed, img_size=s.img_size)
+                           workers=s.workers, threads=s.threads, seed=s.seed, img_size=s.img_size)
 
     def step(name: str, command: str, fn):
         emit("step_start", {"name": name, "command": command})
@@ -110,7 +112,8 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
         return st, value
 
     def scored(st: DemoStep, checkpoint: Path) -> None:
-        r = evaluate_checkpoint(checkpoint, data, batch_size=256, workers=s.workers)
+        r = evaluate_checkpoint(checkpoint, data, batch_size=256, workers=s.workers,
+                                threads=s.threads)
         st.top1, st.top5, st.output = r.top1, r.top5, str(checkpoint)
         emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
 
@@ -177,7 +180,8 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
     st.output = str(model_out)
     emit("step_end", {"name": st.name, "seconds": st.seconds, "max_abs_diff": exported.max_abs_diff})
     st, evaluated = step("eval", f"gct-surgery eval {model_out} --data {data}",
-                         lambda: evaluate_checkpoint(model_out, data, batch_size=256, workers=s.workers))
+                         lambda: evaluate_checkpoint(model_out, data, batch_size=256,
+                                                     workers=s.workers, threads=s.threads))
     st.top1, st.top5, st.output = evaluated.top1, evaluated.top5, str(model_out)
     emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
 

@@ -13,18 +13,39 @@ from torch import nn
 
 from .core.forward import example_input, max_difference, run_model
 from .core.gate import GateConfig
+from .core.heads import model_num_classes
 from .core.surgery import InjectionReport, inject
 from .core.targets import TargetSpec, find_functional_convs, select_targets
 from .errors import SourceError
-from .io.checkpoint import RECORD_ATTR, load_checkpoint, save, with_data
+from .io.checkpoint import (RECORD_ATTR, default_checkpoint_name, load_checkpoint, run_folder_hint, save,
+                            with_data)
+from .io.foreign import classes_in, describe, load_file_weights, read_weights_file
 from .io.metadata import METADATA_KEY, CheckpointMeta
 from .io.safetensors_file import is_safetensors, read_header
 from .io.source_rules import recordable
-from .io.sources import ModelSource, build_model, model_data_config, parse_source
-from .io.state_dicts import STATE_DICT_SUFFIXES
+from .io.sources import (ModelSource, build_model, model_data_config, not_an_architecture, parse_source,
+                         resolve_timm_hub)
 
 
-def open_model(
+@dataclass
+class Opened:
+    """A model as a SOURCE gave it, its new record, and what the user should hear:
+    ``notes`` (what the file held) and ``warnings`` (e.g. random weights)."""
+
+    model: nn.Module
+    meta: CheckpointMeta
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def open_model(source: str, **options) -> tuple[nn.Module, CheckpointMeta]:
+    """Open any SOURCE (see ``sources``) as ``(model, metadata)``; the options are
+    ``open_source``'s."""
+    opened = open_source(source, **options)
+    return opened.model, opened.meta
+
+
+def open_source(
     source: str,
     *,
     arch: str | None = None,
@@ -32,41 +53,99 @@ def open_model(
     pretrained: bool = False,
     num_classes: int | None = None,
     in_chans: int | None = None,
+    use_ema: bool = False,
     allow_pickle: bool = False,
-) -> tuple[nn.Module, CheckpointMeta]:
-    """Open any SOURCE (see ``sources``) as ``(model, metadata)``.
+) -> Opened:
+    """Open any SOURCE (see ``sources``).
 
     A gct-surgery checkpoint brings its own metadata; anything else gets fresh
-    metadata that records how to rebuild it.
+    metadata that records how to rebuild it. A weights file (another trainer's
+    checkpoint included, ``foreign``) may name its architecture and gives its class
+    count: ``--arch`` and ``--num-classes`` are then not needed.
     """
     kind, location = parse_source(source)
     if kind == "file":
         path = Path(location)
         if not path.exists():
-            raise SourceError(f"no such file: {path} (a SOURCE is timm:NAME, torchvision:NAME, "
-                              "file.py:factory or a checkpoint file)")
+            raise SourceError(f"no such file: {path}{_meant_timm(location)} (a SOURCE is "
+                              "timm:NAME, torchvision:NAME, file.py:factory or a checkpoint file)")
         if path.is_dir():
-            raise SourceError(f"{path} is a folder, not a checkpoint file")
+            raise SourceError(run_folder_hint(path) or f"{path} is a folder, not a checkpoint file")
         if is_safetensors(path) and METADATA_KEY in read_header(path)[1]:  # corrupt: a clear error
             loaded = load_checkpoint(path, allow_pickle=allow_pickle)
-            return loaded.model, loaded.meta
-        if arch is None:
-            if allow_pickle and path.suffix in (".pt", ".pth"):
-                return _open(ModelSource(f"pickle:{path}"), allow_pickle)
-            raise SourceError(
-                f"{path} is not a gct-surgery checkpoint; if it holds a plain state dict, say "
-                "which model it is for with --arch timm:NAME, torchvision:NAME or file.py:factory"
-                + ("" if is_safetensors(path) else
-                   " (a whole pickled module needs --allow-pickle, which runs its code)"))
-        if path.suffix not in STATE_DICT_SUFFIXES:
-            raise SourceError(f"{path}: unknown checkpoint type {path.suffix!r} "
-                              f"(expected one of {', '.join(STATE_DICT_SUFFIXES)})")
-        return _open(ModelSource(arch, _kwargs(arch, num_classes, in_chans), weights=str(path)),
-                     allow_pickle)
+            return Opened(loaded.model, loaded.meta)
+        return _open_weights_file(path, arch, num_classes, in_chans, use_ema, allow_pickle)
     if arch is not None:
         raise SourceError("--arch is only for a state-dict file SOURCE")
-    return _open(ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
-                             pretrained=pretrained), allow_pickle)
+    if use_ema and not weights:
+        raise SourceError("--use-ema takes the EMA weights of a checkpoint file; give the file "
+                          f"as the SOURCE: gct-surgery inject FILE --arch {source} --use-ema")
+    spec = ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
+                       pretrained=pretrained, use_ema=use_ema)
+    resolved = resolve_timm_hub(spec)
+    opened = _open(resolved, allow_pickle, base=source if resolved is not spec else None)
+    if kind in ("timm", "torchvision") and not (resolved.weights or resolved.pretrained):
+        opened.warnings.append(random_weights_warning(source))
+    return opened
+
+
+def _open_weights_file(path: Path, arch: str | None, num_classes: int | None,
+                       in_chans: int | None, use_ema: bool, allow_pickle: bool) -> Opened:
+    """A state-dict file, or another trainer's checkpoint: its architecture from
+    ``--arch`` or the file, its class count from the file unless ``--num-classes``."""
+    if arch is not None and parse_source(arch)[0] == "file":
+        raise not_an_architecture(arch)
+    found = read_weights_file(path, use_ema=use_ema, allow_pickle=allow_pickle)
+    if arch is None and found.trainer == "pickled module":
+        return _open(ModelSource(f"pickle:{path}"), allow_pickle)
+    arch = arch or found.arch
+    if arch is None:
+        raise SourceError(
+            f"{path} is not a gct-surgery checkpoint; if it holds a plain state dict, say "
+            "which model it is for with --arch timm:NAME, torchvision:NAME or file.py:factory"
+            + ("" if is_safetensors(path) else
+               " (a whole pickled module needs --allow-pickle, which runs its code)"))
+    source = resolve_timm_hub(ModelSource(arch, _kwargs(arch, num_classes, in_chans)))
+    source = replace(source, pretrained=False)  # the file's weights replace the hub's
+    model = build_model(source, allow_pickle=allow_pickle)
+    classes = classes_in(model, found.tensors, found.num_classes)
+    if (num_classes is None and classes is not None and classes != model_num_classes(model)
+            and source.kind in ("timm", "torchvision")):
+        source = replace(source, kwargs={**source.kwargs, "num_classes": classes})
+        model = build_model(source, allow_pickle=allow_pickle)
+    prefix = load_file_weights(model, found.tensors, what=str(path))
+    opened = _open(replace(source, weights=str(path), use_ema=use_ema), allow_pickle, model=model,
+                   found=describe(found), base=arch if arch != source.spec else None)
+    if found.has_ema and not use_ema:
+        opened.notes.append("this file also holds EMA weights; --use-ema takes them")
+    if prefix:
+        opened.notes.append(f"took the weights under '{prefix}' ({found.trainer or 'the file'} "
+                            "saved the network inside a wrapper)")
+    return opened
+
+
+def _meant_timm(text: str) -> str:
+    """``inject resnet18``: a bare model name, not a file."""
+    import timm
+
+    return f"; did you mean timm:{text}?" if timm.is_model(text.split(".")[0]) else ""
+
+
+def random_weights_warning(source: str) -> str:
+    """Gates go on a trained model: a SOURCE without weights is almost never meant."""
+    pretrained = ", or --pretrained for timm's own (from the cache offline)" if source.startswith("timm:") else ""
+    return (f"{source} has random weights (no --weights, no --pretrained): give your trained file "
+            f"(`gct-surgery inject FILE --arch {source}`), --weights PATH{pretrained}")
+
+
+def default_output(source: str) -> Path:
+    """Where ``inject`` writes without ``-o``: beside a file SOURCE, in the current folder
+    for a model name; an existing file is refused, never replaced silently."""
+    out = default_checkpoint_name(source)
+    if out.exists():
+        raise SourceError(f"{out} already exists; pass -o OTHER.safetensors to write elsewhere "
+                          f"(or -o {out} to replace it)")
+    return out
 
 
 def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
@@ -81,16 +160,31 @@ def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
     return kwargs
 
 
-def _open(source: ModelSource, allow_pickle: bool) -> tuple[nn.Module, CheckpointMeta]:
-    model = build_model(source, allow_pickle=allow_pickle)
+def _open(source: ModelSource, allow_pickle: bool, *, model: nn.Module | None = None,
+          found: dict | None = None, base: str | None = None) -> Opened:
+    """``base``: the hub SOURCE a ``timm:ARCH`` was resolved from; the record's
+    ``source`` is the portable ``timm:ARCH``, the ``open`` event keeps the hub source
+    (a local-dir by its absolute path), so a gates-only export rebuilds that base."""
+    if model is None:
+        model = build_model(source, allow_pickle=allow_pickle)
     # recorded so it rebuilds from any folder: a file by its absolute path, a package
     # with the folder it was imported from
     source = recordable(source)
     meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[],
                           data=model_data_config(model, source.kind))
-    meta = meta.with_event("open", source=source.spec, kwargs=dict(source.kwargs),
-                           weights=source.weights, pretrained=source.pretrained)
-    return model, meta
+    extra = {k: v for k, v in (("file", found), ("arch", base and source.spec),
+                               ("use_ema", source.use_ema)) if v}
+    meta = meta.with_event("open", source=_absolute_hub(base) if base else source.spec,
+                           kwargs=dict(source.kwargs), weights=source.weights,
+                           pretrained=source.pretrained, **extra)
+    return Opened(model, meta)
+
+
+def _absolute_hub(spec: str) -> str:
+    """``timm:local-dir:rel`` by its absolute folder, so it means the same from anywhere."""
+    kind, location = parse_source(spec)
+    hub, _, ident = location.partition(":")
+    return f"timm:local-dir:{Path(ident).resolve()}" if kind == "timm" and hub == "local-dir" else spec
 
 
 def data_config(model: nn.Module, kind: str | None = None) -> dict:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import textwrap
 
 import pytest
 import timm
@@ -62,23 +65,6 @@ def test_full_export_then_load_is_bit_for_bit(trained, tmp_path):
     assert set(plain) == set(expected)
     assert all(torch.equal(plain[k], expected[k]) for k in expected)
     assert sum(is_gate_parameter(k) for k in plain) == 3 * len(gates(model))
-
-
-def test_onnx_matches_pytorch_at_two_batch_sizes(trained, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    src, model = trained
-    out = tmp_path / "model.onnx"
-    result = export(src, out, format="onnx")
-    assert result.batch_sizes == [2, 3] and result.max_abs_diff < 1e-4
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    for n in (1, 5):  # neither is the batch size it was exported with
-        x = batch(n, seed=n)
-        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-        with torch.no_grad():
-            want = model(x)
-        assert got.shape == (n, 10)
-        assert (got - want).abs().max().item() < 1e-4
 
 
 def test_unload_of_trained_gates_warns_by_how_much(trained, tmp_path):
@@ -149,3 +135,128 @@ def test_cli_export_json_and_user_error(cli, trained, tmp_path):
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "nope.safetensors" in missing.stderr
+
+
+# --- the format follows the name; graph and folder forms that need no gct-surgery ------
+
+def run_cli(cli, *args, **kw):
+    return subprocess.run([cli, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+
+
+def run_without_gct_surgery(script: str, cwd) -> subprocess.CompletedProcess:
+    """A child Python where ``import gct_surgery`` fails: what a consumer without it sees."""
+    guard = "import sys\nsys.modules['gct_surgery'] = None\n"
+    return subprocess.run([sys.executable, "-c", guard + textwrap.dedent(script)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_onnx_name_writes_onnx_that_matches_pytorch_at_any_batch_size(cli, trained, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    src, model = trained
+    out = tmp_path / "m.onnx"
+    done = run_cli(cli, "export", src, "-o", out, "--json")  # no --format: the name says ONNX
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["format"] == "onnx" and doc["verified_batch_sizes"] == [2, 3] and doc["max_abs_diff"] < 1e-4
+    onnx.checker.check_model(onnx.load(str(out)))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for n in (1, 5):  # neither is the batch size it was exported with
+        x = batch(n, seed=n)
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        with torch.no_grad():
+            want = model(x)
+        assert got.shape == (n, 10)
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_format_that_contradicts_the_name_is_refused_in_one_line(cli, trained, tmp_path):
+    src, _ = trained
+    done = run_cli(cli, "export", src, "-o", tmp_path / "m.safetensors", "--format", "onnx")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line, = done.stderr.strip().splitlines()
+    assert "--format onnx" in line and "m.safetensors" in line and "-o " + str(tmp_path / "m.onnx") in line
+    # A name that says no format (the issue's `-o m.pt --unload`) is refused too, with the names to use.
+    with pytest.raises(gct_surgery.UserError, match=r"m\.safetensors, .*m\.onnx or .*m\.pt2"):
+        export(src, tmp_path / "m.pt", unload=True)
+    with pytest.raises(gct_surgery.UserError, match="--format timm does not match"):
+        export(src, tmp_path / "m.onnx", format="timm", unload=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pt2_loads_in_plain_torch_at_any_batch_size(trained, tmp_path):
+    src, model = trained
+    out = tmp_path / "m.pt2"
+    result = export(src, out)
+    assert result.format == "pt2" and result.batch_sizes == [2, 3] and result.max_abs_diff < 1e-4
+    inputs = {n: batch(n, seed=10 + n) for n in (1, 3)}
+    with torch.no_grad():
+        torch.save({n: (x, model(x)) for n, x in inputs.items()}, tmp_path / "io.pt")
+    child = run_without_gct_surgery("""
+        import torch
+        try:
+            import gct_surgery
+            raise SystemExit("gct_surgery was importable")
+        except ImportError:
+            pass
+        program = torch.export.load("m.pt2").module()
+        for n, (x, want) in torch.load("io.pt").items():
+            with torch.no_grad():
+                got = program(x)
+            print(n, tuple(got.shape), (got - want).abs().max().item())
+    """, tmp_path)
+    assert child.returncode == 0, child.stderr[-2000:]
+    rows = [line.split(maxsplit=1) for line in child.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["1", "3"]
+    for n, rest in rows:
+        shape, diff = rest.rsplit(" ", 1)
+        assert shape == f"({n}, 10)" and float(diff) < 1e-4
+
+
+def test_unload_as_timm_folder_loads_through_timm_with_its_head(cli, tmp_path):
+    names = [f"class-{i}" for i in range(10)]
+    src = tmp_path / "named.safetensors"
+    model = make_checkpoint(src, trained=True, seed=1)
+    save(model, src, read_metadata(src), data={"class_names": names, "mean": [0.5] * 3, "std": [0.25] * 3})
+    folder = tmp_path / "timm-model"
+    done = run_cli(cli, "export", src, "-o", f"{folder}/", "--unload", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["format"] == "timm" and doc["files"] == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named.safetensors", "timm-model"]  # no temp left
+    from gct_surgery.core.surgery import remove
+
+    remove(model)  # what the folder should hold: the model without its gates
+    x = batch(3, seed=5)
+    with torch.no_grad():
+        torch.save((x, model(x)), tmp_path / "io.pt")
+    child = run_without_gct_surgery(f"""
+        import timm, torch
+        model = timm.create_model("local-dir:{folder}", pretrained=True).eval()
+        x, want = torch.load("io.pt")
+        with torch.no_grad():
+            diff = (model(x) - want).abs().max().item()
+        cfg = timm.data.resolve_data_config({{}}, model=model)
+        print(model.num_classes, diff, list(cfg["input_size"]), list(cfg["std"]),
+              model.pretrained_cfg["label_names"][9])
+    """, tmp_path)
+    assert child.returncode == 0, child.stderr[-2000:]
+    classes, diff, *rest = child.stdout.split()
+    assert int(classes) == 10 and float(diff) == 0.0
+    assert " ".join(rest) == "[3, 48, 48] [0.25, 0.25, 0.25] class-9"
+
+
+def test_timm_folder_refuses_gates_and_other_architectures(trained, tmp_path):
+    src, model = trained
+    with pytest.raises(gct_surgery.UserError, match=f"timm cannot build gates and this model has {len(gates(model))}; add --unload"):
+        export(src, tmp_path / "gated", format="timm")
+    with pytest.raises(gct_surgery.UserError, match="add --unload instead of --fold"):
+        export(src, f"{tmp_path / 'kept'}/", fold=True)  # trained gammas are far from 0: kept
+    tv = tmp_path / "tv.safetensors"
+    model, meta = open_model("torchvision:squeezenet1_1", num_classes=4)
+    inject_model(model, meta, output=tv, input_size=[3, 32, 32])
+    with pytest.raises(gct_surgery.UserError, match="needs a timm architecture.*torchvision:squeezenet1_1.*tv-folder.pt2"):
+        export(tv, f"{tmp_path / 'tv-folder'}/", unload=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.safetensors"]

@@ -37,7 +37,7 @@ def cli_error(argv, capsys) -> str:
 
 
 def test_class_count_mismatch_says_num_classes(r18, tmp_path, capsys):
-    line = cli_error(["inject", str(r18 / "r18.pth"), "--arch", "timm:resnet18",
+    line = cli_error(["inject", str(r18 / "r18.pth"), "--arch", "timm:resnet18", "--num-classes", "1000",
                       "-o", str(tmp_path / "o.safetensors")], capsys)
     assert "classifier has 10 classes and the model's 1000" in line
     assert "fc.weight: file [10, 512], model [1000, 512]" in line

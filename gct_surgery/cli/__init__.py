@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from ._app import app  # noqa: E402  (commands register on it)
+from ._app import app, tidy_help  # noqa: E402  (commands register on it)
 
 # Command modules register themselves on ``app`` when imported, in help order.
 from . import inject, finetune, eval, export, inspect, demo  # noqa: E402,F401
@@ -22,11 +22,15 @@ from . import inject, finetune, eval, export, inspect, demo  # noqa: E402,F401
 @functools.lru_cache(maxsize=1)
 def _command():
     """The click command behind the app, built once (about 17 ms a build)."""
-    return typer.main.get_command(app)
+    command = typer.main.get_command(app)
+    tidy_help(command)
+    return command
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; a ``UserError`` is one line and code 2."""
+    """Run the CLI and return its exit code; a ``UserError`` is one line and code 2.
+    With ``--json`` every error is also ``{"error": ..., "exit_code": ...}`` on stdout,
+    so a script reading stdout always gets JSON."""
     import logging
 
     from ..errors import UserError
@@ -37,22 +41,46 @@ def run(argv: list[str] | None = None) -> int:
         handler = WarningHandler(level=logging.WARNING)
         library_log.addHandler(handler)
         library_log.propagate = False
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+    def fail(message: str, code: int) -> int:
+        error(message)
+        if as_json:
+            _json_error(message, code)
+        return code
+
     try:
-        _command().main(args=argv, prog_name="gct-surgery", standalone_mode=True)
+        # Under --json, click's usage errors come back here to be printed as JSON too.
+        _command().main(args=args, prog_name="gct-surgery", standalone_mode=not as_json)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except UserError as e:
-        error(str(e))
+    except typer.Exit as e:
         return e.exit_code
+    except typer.Abort:
+        return fail("aborted", 1)
+    except typer.TyperException as e:  # a usage error (click's, as Typer ships it)
+        return fail(e.format_message() if hasattr(e, "format_message") else str(e),
+                    getattr(e, "exit_code", 2))
+    except UserError as e:
+        return fail(str(e), e.exit_code)
     except OSError as e:  # every write goes through io/atomic.py; this is the safety net
         where = f" {e.filename}" if e.filename else ""
-        error(f"could not access{where}: {e.strerror or e}; check the path, its permissions "
-              "and the free space, then run the command again")
-        return 2
+        return fail(f"could not access{where}: {e.strerror or e}; check the path, its permissions "
+                    "and the free space, then run the command again", 2)
     except KeyboardInterrupt:
-        error("interrupted")
-        return 130
+        return fail("interrupted", 130)
     return 0
+
+
+def _json_error(message: str, code: int) -> None:
+    """The error as the one JSON document on stdout."""
+    import contextlib
+    import json
+
+    with contextlib.suppress(OSError):
+        sys.stdout.write(json.dumps({"error": " ".join(str(message).split()), "exit_code": code}) + "\n")
+        sys.stdout.flush()
 
 
 def main() -> None:

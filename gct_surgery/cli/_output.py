@@ -31,15 +31,32 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A rich table on a terminal; tab-separated lines with a header otherwise."""
+WRAP_WIDTH = 12  # the narrowest a wrapping column (module names) gets
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
+                wrap: Sequence[str] = ()) -> None:
+    """A rich table on a terminal; tab-separated lines with a header otherwise.
+
+    A cell never wraps (``0.00`` over ``106`` reads as two numbers) except in the
+    columns named in ``wrap`` (long text such as module names); headers may wrap. A
+    table wider than the terminal drops its borders before anything is cut."""
     rows = [[_fmt(v) for v in row] for row in rows]
     if is_human():
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=Text(title))
-        for c in columns:
-            table.add_column(Text(c), overflow="fold")
+        # A cell is as wide as its longest value or header word (headers wrap at spaces);
+        # a ``wrap`` column (module names) gives way first, down to WRAP_WIDTH.
+        widths = [max([len(row[i]) for row in rows if i < len(row)] + [len(w) for w in c.split()])
+                  for i, c in enumerate(columns)]
+        widths = [min(n, WRAP_WIDTH) if c in wrap else n for c, n in zip(columns, widths)]
+        compact = sum(n + 3 for n in widths) + 1 > console.width
+        table = Table(title=Text(title), box=None if compact else box.HEAVY_HEAD,
+                      padding=(0, 1, 0, 0) if compact else (0, 1), pad_edge=not compact)
+        for c, n in zip(columns, widths):
+            header = c if len(c) <= n else "\n".join(c.split())  # one word per line
+            table.add_column(Text(header), overflow="fold", min_width=n, no_wrap=c not in wrap)
         for row in rows:
             table.add_row(*(Text(v) for v in row))
         console.print(table)
@@ -48,6 +65,22 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
         print("\t".join(columns))
         for row in rows:
             print("\t".join(row))
+
+
+def short_number(v: float) -> str:
+    """At most 7 characters, 2 to 3 significant digits (a table cell that fits):
+    ``0.999``, ``-0.0086``, ``-1.6e-5``, ``1.2e4``."""
+    if v != v:
+        return "-"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if 0.01 <= a < 1000:
+        return f"{v:.3g}"
+    if 0.001 <= a < 0.01:
+        return f"{v:.2g}"
+    mantissa, exponent = f"{v:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def print_kv(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
@@ -78,6 +111,11 @@ def error(message: str) -> None:
     first = " ".join(str(message).split())
     with contextlib.suppress(OSError):
         err_console.print(labelled("error", "red", first), soft_wrap=True)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``3 epochs``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _fmt(v: Any) -> str:

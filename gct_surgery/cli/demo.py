@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -17,7 +18,8 @@ def demo(
     pretrain_epochs: int = typer.Option(5, help="Epochs that train the 'existing model'."),
     gates_epochs: int = typer.Option(2, help="Epochs of the gates stage."),
     full_epochs: int = typer.Option(3, help="Epochs of the full stage."),
-    workers: int = typer.Option(0, help="Data loader worker processes."),
+    workers: Optional[int] = typer.Option(None, help="Data loader worker processes (default: auto, as finetune).", show_default="auto"),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: auto).", show_default="auto"),
     force: bool = typer.Option(False, "--force", help="Replace an earlier demo in --out."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable result."),
 ) -> None:
@@ -28,7 +30,8 @@ def demo(
 
     settings = DemoSettings(out=str(out), model=model, img_size=img_size,
                             pretrain_epochs=pretrain_epochs, gates_epochs=gates_epochs,
-                            full_epochs=full_epochs, workers=workers, force=force)
+                            full_epochs=full_epochs, workers=workers, threads=threads,
+                            force=force)
     result = run_demo(settings, on_event=None if json_out else _progress)
     if json_out:
         print_json(result.to_dict())

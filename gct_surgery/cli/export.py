@@ -1,6 +1,7 @@
 """``gct-surgery export``: write a checkpoint in a deployable form, verified."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -11,11 +12,27 @@ from ._output import info, print_json, print_kv, warn
 from .inject import parse_input_size
 
 
+class ExportFormat(str, Enum):
+    """What ``-o`` is written as; by default its name decides (``io/export_format.py``)."""
+
+    safetensors = "safetensors"
+    onnx = "onnx"
+    pt2 = "pt2"
+    timm = "timm"
+
+
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A gct-surgery checkpoint (.safetensors).", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the export.", show_default=False),
-    format: str = typer.Option("safetensors", "--format", help="safetensors or onnx."),
+    output: str = typer.Option(..., "--output", "-o", show_default=False, metavar="<path>",
+                               help="Where to write the export; its name picks the format: "
+                                    "NAME.safetensors, NAME.onnx, NAME.pt2 (torch.export), or "
+                                    "NAME/ for a timm folder (model.safetensors + config.json)."),
+    format: Optional[ExportFormat] = typer.Option(
+        None, "--format", show_default=False,
+        help="The format, when -o's name does not say it (timm: a folder timm.create_model"
+             "('local-dir:NAME', pretrained=True) loads; needs --unload or --fold). "
+             "Must agree with -o's suffix."),
     gates_only: bool = typer.Option(False, "--gates-only", help="Only the gates and what differs from the base (an adapter file)."),
     base: Optional[str] = typer.Option(None, "--base", help="The base for --gates-only: a SOURCE or weights file. Default: the weights the model was opened from."),
     unload: bool = typer.Option(False, "--unload", help="Remove the gates: the original architecture."),
@@ -26,20 +43,22 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled base module. Only for files you trust."),
 ) -> None:
-    """Export a checkpoint (full, gates-only, unloaded, folded, or ONNX). The export is
-    reloaded and compared with the source before it is kept; a failed check writes nothing."""
+    """Export a checkpoint (full, gates-only, unloaded or folded; as safetensors, ONNX, a
+    torch.export program or a timm folder). The export is reloaded and compared with the
+    source before it is kept; a failed check writes nothing."""
     size = parse_input_size(input_size)
     from ..io.export import export as run_export
 
-    result = run_export(checkpoint, output, format=format, gates_only=gates_only, base=base,
-                        unload=unload, fold=fold, fold_tol=fold_tol, opset=opset,
-                        input_size=size, allow_pickle=allow_pickle)
+    result = run_export(checkpoint, output, format=format.value if format else None,
+                        gates_only=gates_only, base=base, unload=unload, fold=fold,
+                        fold_tol=fold_tol, opset=opset, input_size=size, allow_pickle=allow_pickle)
     if json_out:
         print_json(result.to_dict())
         return
     for message in result.warnings:
         warn(message)
-    pairs = [("form", result.form), ("format", result.format), ("written", str(result.output)),
+    written = f"{result.output}/ ({', '.join(result.files)})" if result.files else str(result.output)
+    pairs = [("form", result.form), ("format", result.format), ("written", written),
              ("size", f"{result.size_bytes:,} bytes")]
     if result.source_size_bytes:
         pairs.append(("size vs checkpoint", f"{100 * result.size_bytes / result.source_size_bytes:.3f}%"))

@@ -2,40 +2,33 @@
 from __future__ import annotations
 
 import contextlib
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ._app import app
-from ._output import info, is_human, labelled, print_json, print_table, warn
-
-
-class StageKind(str, Enum):
-    gates = "gates"
-    full = "full"
-
-
-class Amp(str, Enum):
-    off = "off"
-    bf16 = "bf16"
-    fp16 = "fp16"
+from ._app import app, given_options
+from ._choices import Amp, GateImpl, MetricsFormat, StageKind
+from ._output import info, print_json, print_table, warn
+from ._reporter import Reporter
 
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     checkpoint: Optional[Path] = typer.Argument(None, help="A gct-surgery checkpoint (from `inject`). Not needed with --resume.", show_default=False),
-    data: Optional[Path] = typer.Option(None, help="Image folder: DATA/train/CLASS/* and DATA/val/CLASS/* (or validation)."),
+    data: Optional[Path] = typer.Option(None, help="Image folder: DATA/train/CLASS/* and DATA/val/CLASS/* (or validation), or DATA/train.csv and DATA/val.csv (path,label), or train only with --val-split."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: last/best.safetensors, metrics.csv, metrics.png, state.pt."),
     stage: Optional[StageKind] = typer.Option(None, help="Run one stage of the default recipe: gates (only gates train) or full (everything).", rich_help_panel="Stages"),
     recipe: Optional[Path] = typer.Option(None, help="Recipe file (.toml/.yaml) with several stages. Default: gates, then full.", rich_help_panel="Stages"),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its folder, or a whole --baseline comparison from OUT (then its verdict).", rich_help_panel="Run folder and faults"),
-    epochs: Optional[int] = typer.Option(None, help="Epochs of every stage (overrides the recipe).", rich_help_panel="Stages"),
-    lr: Optional[float] = typer.Option(None, help="Gate learning rate of every stage (a new head in a gates stage uses it too). The base weights keep the recipe's base_lr (1e-4 in the default recipe) unless --base-lr; a recipe stage without base_lr gives the base 0.1x this.", rich_help_panel="Stages"),
+    force: bool = typer.Option(False, "--force", help="Replace the run (or comparison) already in --out; never one a live run holds, never a folder that is not a run's.", rich_help_panel="Run folder and faults"),
+    epochs: Optional[str] = typer.Option(None, help="Epochs of every stage, or per stage as STAGE=N,... (e.g. gates=2,full=3); overrides the recipe.", rich_help_panel="Stages"),
+    lr: Optional[str] = typer.Option(None, help="Gate learning rate of every stage, or per stage as STAGE=LR,... (a new head in a gates stage uses it too). The base weights keep the recipe's base_lr (1e-4 in the default recipe) unless --base-lr; a recipe stage without base_lr gives the base 0.1x this.", rich_help_panel="Stages"),
     base_lr: Optional[float] = typer.Option(None, help="Learning rate of the base weights in full stages.", rich_help_panel="Stages"),
     batch_size: int = typer.Option(32, help="Global batch size (split among torchrun processes).", rich_help_panel="Training"),
-    workers: int = typer.Option(2, help="Data loader worker processes.", rich_help_panel="Speed"),
+    workers: Optional[int] = typer.Option(None, help="Data loader worker processes (default: auto, 0 on CPU, a few on CUDA; the run's first line says what was chosen).", show_default="auto", rich_help_panel="Speed"),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads per process (default: auto, this process's share of the cores).", show_default="auto", rich_help_panel="Speed"),
     seed: int = typer.Option(0, help="Seed for data order, augmentation and a new head.", rich_help_panel="Training"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Training"),
     amp: Amp = typer.Option(Amp.off, help="Mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA).", rich_help_panel="Training"),
@@ -51,11 +44,28 @@ def finetune(
     baseline: bool = typer.Option(False, "--baseline", help="Did the gates help? Also run a control: the same recipe, stages, head handling, seed and data order with the gates held at identity (removed); print GCT minus control with a 95% interval. Runs go to OUT/seed-S/{gct,control}.", rich_help_panel="Did the gates help?"),
     seeds: int = typer.Option(1, help="With --baseline: run GCT and control for this many seeds (seed, seed+1, ...): the interval comes from their paired differences.", rich_help_panel="Did the gates help?"),
     plain: bool = typer.Option(False, "--plain", help="With --baseline: also run the plain fine-tune you would otherwise run (every parameter, no gates, one full stage of the same total epochs) as a second reference.", rich_help_panel="Did the gates help?"),
-    metrics_format: str = typer.Option("csv", help="csv or jsonl.", rich_help_panel="Run folder and faults"),
+    metrics_format: MetricsFormat = typer.Option(MetricsFormat.csv, help="Format of the metrics file: metrics.csv or metrics.jsonl.", rich_help_panel="Run folder and faults"),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it.", rich_help_panel="Run folder and faults"),
     skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume).", rich_help_panel="Run folder and faults"),
-    impl: str = typer.Option("fast", help="Gate implementation: fast (fused forward and backward) or reference (the official formulation), for comparison.", rich_help_panel="Speed"),
+    impl: GateImpl = typer.Option(GateImpl.fast, help="Gate implementation: fast (fused forward and backward) or reference (the official formulation), for comparison.", rich_help_panel="Speed"),
     fast_frozen: bool = typer.Option(True, "--fast-frozen/--no-fast-frozen", help="Gates stages: run the frozen base the cheap way (convs save nothing for backward, frozen BN folded into its conv). Same results up to float rounding.", rich_help_panel="Speed"),
+    opt: Optional[str] = typer.Option(None, help="timm optimizer name (adamw, sgd, lamb...). One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    sched: Optional[str] = typer.Option(None, help="timm scheduler name (cosine, step, tanh, poly, constant...), stepped per update. One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    warmup: Optional[str] = typer.Option(None, help="Fraction of a stage's updates spent warming up (0 <= w < 1). One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    weight_decay: Optional[str] = typer.Option(None, help="Weight decay of base weights with more than one dimension (gate beta, biases and norms never decay). One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    smoothing: Optional[str] = typer.Option(None, help="Label smoothing (timm LabelSmoothingCrossEntropy; folded into mixup's targets when mixing). One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    mixup: Optional[str] = typer.Option(None, help="timm Mixup alpha (0: off); classification, or a --task with soft_targets. One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    cutmix: Optional[str] = typer.Option(None, help="timm CutMix alpha (0: off); with --mixup, each batch picks one. One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    clip_grad: Optional[str] = typer.Option(None, help="Clip the gradient norm to this before each update. One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    grad_accum: Optional[str] = typer.Option(None, help="Accumulate N batches of --batch-size per update (an update sees N x batch). One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    layer_decay: Optional[str] = typer.Option(None, help="Layer-wise lr decay: each layer nearer the input gets this factor more (timm's grouping; gates follow their conv). One value for every stage, or STAGE=VALUE,...", rich_help_panel="Training knobs"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Model and inputs in channels-last memory format (faster convs on GPUs).", rich_help_panel="Training knobs"),
+    drop_path: float = typer.Option(0.0, help="Stochastic depth rate: the timm model is rebuilt with drop_path_rate (recorded in the checkpoint).", rich_help_panel="Training knobs"),
+    val_split: Optional[float] = typer.Option(None, help="No val split in DATA: hold out this share of each class of train (e.g. 0.2), chosen by --seed; eval --split val then scores the same files.", rich_help_panel="Data"),
+    class_map: Optional[Path] = typer.Option(None, help="timm class map (.txt, one class name per line, in label order): fixes the class order and head indices.", rich_help_panel="Data"),
+    crop_scale: Optional[float] = typer.Option(None, help="Random resized crop keeps at least this share of the image (default 0.5; timm's from-scratch 0.08).", rich_help_panel="Data"),
+    hflip: Optional[float] = typer.Option(None, help="Horizontal flip probability (default 0.5; 0 for text or asymmetric images).", rich_help_panel="Data"),
+    color_jitter: Optional[float] = typer.Option(None, help="Colour jitter strength (default 0.1; timm's from-scratch 0.4; 0: off).", rich_help_panel="Data"),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable result."),
 ) -> None:
     """Fine-tune a gated checkpoint in stages: gates first, everything else frozen, then everything.
@@ -75,9 +85,11 @@ def finetune(
     if (seeds != 1 or plain) and not baseline:
         raise typer.BadParameter("--seeds and --plain go with --baseline", param_hint="--seeds")
     from ..train.compare import compare, is_comparison, resume_comparison
-    from ..train.config import TrainConfig
+    from ..train.config import RESUMABLE, TrainConfig
     from ..train.faults import Interrupted
+    from ..train.lock import replace_run
     from ..train.loop import finetune as run_finetune, resume as run_resume
+    from ..train.overrides import override_stages
     from ..train.recipe import default_recipe, load_recipe
 
     reporter = Reporter(quiet=json_out)
@@ -86,20 +98,32 @@ def finetune(
             baseline = is_comparison(resume)
             again = resume_comparison if baseline else run_resume
             result = again(resume, on_event=reporter, data=str(data) if data else None,
-                           strict=True if strict else None, skip_nonfinite=skip_nonfinite)
+                           strict=True if strict else None, skip_nonfinite=skip_nonfinite,
+                           epochs=_resume_epochs(epochs),
+                           fixed=given_options(ctx, besides={*RESUMABLE, "resume", "json_out"}))
         else:
             chosen = load_recipe(recipe) if recipe is not None else default_recipe()
             if stage is not None:
                 chosen = chosen.only(stage.value)
-            chosen = chosen.override(epochs=epochs, lr=lr, base_lr=base_lr,
+            chosen = override_stages(chosen, epochs=epochs, lr=lr, opt=opt, sched=sched, warmup=warmup,
+                                     weight_decay=weight_decay, smoothing=smoothing, mixup=mixup,
+                                     cutmix=cutmix, clip_grad=clip_grad, grad_accum=grad_accum,
+                                     layer_decay=layer_decay)
+            chosen = chosen.override(base_lr=base_lr,
                                      train_head=True if train_head else None,
                                      train_bn=True if train_bn else None)
-            config = TrainConfig(data=str(data), out=str(out), batch_size=batch_size, workers=workers,
+            config = TrainConfig(data=str(data), out=str(out), batch_size=batch_size, workers=workers, threads=threads,
                                  seed=seed, device=device, amp=amp.value, num_classes=num_classes,
                                  img_size=img_size, augment=not no_aug, ema=ema,
                                  ema_decay=ema_decay, save_every=save_every, task=task,
-                                 metrics_format=metrics_format, strict=strict,
-                                 skip_nonfinite=skip_nonfinite or 0, fast_frozen=fast_frozen, impl=impl)
+                                 metrics_format=metrics_format.value, strict=strict,
+                                 skip_nonfinite=skip_nonfinite or 0, fast_frozen=fast_frozen, impl=impl.value,
+                                 channels_last=channels_last, drop_path=drop_path, val_split=val_split,
+                                 class_map=str(class_map) if class_map else None,
+                                 **{k: v for k, v in (('crop_scale', crop_scale), ('hflip', hflip),
+                                                      ('color_jitter', color_jitter)) if v is not None})
+            if force:
+                replace_run(out)
             if baseline:
                 result = compare(checkpoint, chosen, config, seeds=seeds, plain=plain, on_event=reporter)
             else:
@@ -163,105 +187,18 @@ def _print_comparison(comparison) -> None:
     info(f"runs in {comparison.out}/seed-*/; comparison.json and metrics.png beside them")
 
 
+def _resume_epochs(epochs: str | None) -> int | None:
+    """With --resume, --epochs is one number: the epochs of the stages not yet finished."""
+    if epochs is None:
+        return None
+    try:
+        return int(epochs)
+    except ValueError:
+        raise typer.BadParameter(f"{epochs!r}: with --resume give one whole number, the epochs of "
+                                 "every stage not yet finished (e.g. --epochs 5)", param_hint="--epochs") from None
+
+
 def _rank() -> int:
     import os
 
     return int(os.environ.get("RANK", "0"))
-
-
-class Reporter:
-    """Turns training events into rich progress bars (ETA, images/s) on a terminal and
-    plain lines elsewhere; silent with --json."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self.title = ""
-        self.progress = None
-        self.task_id = None
-        self.stage = None
-        self.bad_seen = 0
-
-    def __call__(self, event: str, payload: dict) -> None:
-        if self.quiet:
-            return
-        if "arm" in payload:  # a comparison: say which run the line is about
-            self.title = f"{payload['arm']} (seed {payload['seed']}): "
-        getattr(self, f"on_{event}", lambda p: None)(payload)
-
-    def on_stage_start(self, p: dict) -> None:
-        self.stage = p
-        info(f"{self.title}stage {p['stage']} ({p['kind']}): {p['epochs']} epochs x "
-             f"{p['steps_per_epoch']} steps, {p['trainable']:,} trainable parameters")
-        if is_human():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            if self.progress is None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
-                                         TimeRemainingColumn())
-                self.progress.start()
-            total = p["epochs"] * p["steps_per_epoch"]
-            done = p["epoch"] * p["steps_per_epoch"] + p["step"]
-            self.task_id = self.progress.add_task(f"{self.title}{p['stage']}", total=total,
-                                                  completed=done, speed="")
-
-    def on_stage_end(self, p: dict) -> None:
-        g = p.get("summary", {}).get("gates")
-        if g:
-            self._say(f"{self.title}after stage {p['stage']}: gates {g['state']} (max |gamma| "
-                      f"{g['max_abs_gamma']:.3g}, max |beta| {g['max_abs_beta']:.3g}; "
-                      f"{g['active_gates']} of {g['gates']} gates at 0.1 or more)")
-
-    def on_step(self, p: dict) -> None:
-        if self.progress is not None and self.task_id is not None:
-            t = self.progress.tasks[self.task_id]
-            speed = f"{t.speed * p['images']:.0f} img/s" if t.speed else ""
-            self.progress.update(self.task_id, advance=1, speed=f"loss {p['loss']:.3f} {speed}")
-
-    def on_epoch_end(self, p: dict) -> None:
-        r = p["row"]
-        metrics = " ".join(f"{k} {v:.4g}" for k, v in r.items()
-                           if k not in ("epoch", "stage", "seconds", "images_per_s") and isinstance(v, float))
-        speed = f", {r['seconds']:.1f} s, {r['images_per_s']} img/s" if r["seconds"] else ""
-        self._say(f"{self.title}epoch {r['epoch']} ({r['stage']}): {metrics}{speed}"
-                  f"{' *best*' if p['improved'] else ''}")
-
-    def _say(self, line: str) -> None:
-        if self.progress is not None:  # above the live bar, never inside it
-            self.progress.console.print(line, highlight=False, markup=False)
-        else:
-            info(line)
-
-    def on_resumed(self, p: dict) -> None:
-        info(f"{self.title}resumed at stage {p['stage_index'] + 1}, epoch {p['epoch'] + 1}, step {p['step']}")
-
-    def on_interrupted(self, p: dict) -> None:
-        self.close()
-        whole = " (the whole comparison)" if "comparison" in p else ""
-        warn(f"{self.title}{p.get('signal', 'SIGINT')}: stopped at stage {p['stage']}, epoch {p['epoch'] + 1}, "
-             f"step {p['step']}; state saved. Continue with: gct-surgery finetune --resume "
-             f"{p.get('comparison', p['run_dir'])}{whole}")
-
-    def on_arm_done(self, p: dict) -> None:
-        info(f"{self.title}finished before; its result is read from {p['run_dir']}/result.json")
-
-    def on_bad_file(self, p: dict) -> None:
-        self.bad_seen += 1
-        if self.bad_seen <= 5:  # the rest are counted in the report at the end
-            self._warn(f"skipped unreadable image {p['path']}: {p['reason']}")
-
-    def on_nonfinite_skipped(self, p: dict) -> None:
-        self._warn(f"non-finite loss ({p['loss']}) at stage {p['stage']}, epoch {p['epoch'] + 1}, "
-                   f"step {p['step']}: batch skipped ({p['skipped']} of {p['allowed']} allowed)")
-
-    def _warn(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(labelled("warning", "yellow", message), soft_wrap=True)
-        else:
-            warn(message)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None

@@ -9,8 +9,9 @@ import typer
 from ._app import app
 from ._output import info, print_json, print_kv, print_table
 
-SOURCE_HELP = ("timm:NAME, torchvision:NAME, path/to/file.py:factory, package.module:factory, "
-               "or a checkpoint file (.safetensors/.pt/.pth/.bin)")
+SOURCE_HELP = ("timm:NAME, timm:hf-hub:ID, timm:local-dir:PATH, torchvision:NAME, path/to/file.py:factory, "
+               "package.module:factory, or a checkpoint file (.safetensors/.pt/.pth/.bin/.ckpt; "
+               "timm train.py's .pth.tar and Lightning's .ckpt included)")
 
 
 def parse_input_size(text: Optional[str]) -> Optional[list[int]]:
@@ -42,11 +43,12 @@ def parse_numbers(text: Optional[str], hint: str) -> Optional[list[float]]:
 @app.command()
 def inject(
     source: str = typer.Argument(..., help=SOURCE_HELP, show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the gated checkpoint (.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the gated checkpoint (.safetensors); default: NAME.gct.safetensors beside a file SOURCE, or in the current folder. An existing file is replaced only when named here."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a state-dict SOURCE: timm:NAME, torchvision:NAME or file.py:factory."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file for a timm/torchvision/factory SOURCE."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Load timm's pretrained weights (from --weights when offline)."),
-    num_classes: Optional[int] = typer.Option(None, help="Classifier size to build the model with."),
+    num_classes: Optional[int] = typer.Option(None, help="Classifier size to build the model with (default: a weights file's own)."),
+    use_ema: bool = typer.Option(False, "--use-ema", help="Take the EMA weights of a checkpoint that holds them (timm train.py's state_dict_ema)."),
     in_chans: Optional[int] = typer.Option(None, help="Input channels (timm models)."),
     include: List[str] = typer.Option([], help="Regex on module names; gate only matches. Repeatable."),
     exclude: List[str] = typer.Option([], help="Regex on module names; never gate matches. Repeatable."),
@@ -70,10 +72,8 @@ def inject(
     size = parse_input_size(input_size)
     data = {"mean": parse_numbers(mean, "--mean"), "std": parse_numbers(std, "--std"),
             "interpolation": interpolation, "crop_pct": crop_pct}
-    if output is None and not dry_run:
-        raise typer.BadParameter("give -o OUT.safetensors, or --dry-run", param_hint="--output")
     from ..core.gate import GateConfig
-    from ..operations import inject_model, open_model, plan, preprocessing_is_recorded
+    from ..operations import default_output, inject_model, open_source, plan, preprocessing_is_recorded
     from ..core.targets import TargetSpec
 
     targets = TargetSpec(include=tuple(include), exclude=tuple(exclude),
@@ -82,15 +82,21 @@ def inject(
         gate = GateConfig(mode=mode, eps=eps, after_relu=after_relu)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--mode") from None
-    model, meta = open_model(source, arch=arch, weights=str(weights) if weights else None,
-                             pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                             allow_pickle=allow_pickle)
+    if output is None and not dry_run:
+        output = default_output(source)  # before the work: an existing file is refused
+    opened = open_source(source, arch=arch, weights=str(weights) if weights else None,
+                         pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                         use_ema=use_ema, allow_pickle=allow_pickle)
+    model, meta = opened.model, opened.meta
+    from ._output import warn
+
     if dry_run:
         rows = plan(model, targets, gate, input_size=size or meta.data.get("input_size"))
         if json_out:
             print_json({"plan": rows, "gates": sum(r["action"] == "gate" for r in rows)})
             return
         print_table("plan (nothing written)", list(rows[0].keys()), [list(r.values()) for r in rows])
+        _tell(opened)
         n = sum(r["action"] == "gate" for r in rows)
         info(f"{n} gates, {sum(r['gate_params'] for r in rows):,} parameters would be added")
         return
@@ -107,7 +113,7 @@ def inject(
         ("base parameters", r.base_params), ("trainable parameters", r.trainable_params),
         ("identity check max |Δ|", result.max_abs_diff), ("written", str(output)),
     ])
-    from ._output import warn
+    _tell(opened)
 
     for name, aliases in r.to_dict()["tied"].items():
         info(f"{name} is shared (tied) with {', '.join(aliases)}: one gate serves every use")
@@ -123,3 +129,14 @@ def inject(
     if not preprocessing_is_recorded(result.meta):
         warn("no --mean/--std recorded: finetune, eval and inspect will assume ImageNet's "
              "(0.485, 0.456, 0.406)/(0.229, 0.224, 0.225); pass the model's own with --mean and --std")
+
+
+def _tell(opened) -> None:
+    """What the SOURCE held (an EMA, a prefix) and what is wrong with it (random
+    weights): after the result, so that an error stays the one line it should be."""
+    from ._output import warn
+
+    for note in opened.notes:
+        info(note)
+    for warning in opened.warnings:
+        warn(warning)

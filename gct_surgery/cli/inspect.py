@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import info, print_json, print_table
+from ._output import info, print_json, print_table, short_number
 
 
 @app.command()
@@ -42,8 +42,8 @@ def inspect(
     if not analysis.rows:
         info("this checkpoint has no gates")
         return
-    columns = ["depth", "module", "C", "gamma mean", "gamma std", "gamma min", "gamma max",
-               "beta mean", "alpha mean", "γ>0 comp.", "γ<0 coop."]
+    columns = ["depth", "module", "C", "γ mean", "γ std", "γ min", "γ max",
+               "β mean", "α mean", "comp. γ>0", "coop. γ<0"]
     if analysis.images:
         columns += ["gate p05", "gate median", "gate p95"]
     rows = []
@@ -56,7 +56,8 @@ def inspect(
             v = r.values or {}
             row += [v.get("p05", float("nan")), v.get("p50", float("nan")), v.get("p95", float("nan"))]
         rows.append(row)
-    print_table(f"gates of {checkpoint}", columns, rows)
+    rows = [[short_number(v) if isinstance(v, float) else v for v in row] for row in rows]
+    print_table(f"gates of {checkpoint}", columns, rows, wrap=["module"])
     v = analysis.verdict
     info(v["text"])
     info("would fold into their convs (export --fold): " + ", ".join(

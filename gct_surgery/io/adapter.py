@@ -67,7 +67,7 @@ def recorded_base(meta: CheckpointMeta) -> ModelSource:
             f"the checkpoint's base is {spec} with random initial weights, which cannot be "
             "rebuilt; pass --base SOURCE naming the base weights (e.g. a .safetensors file)")
     return ModelSource(spec, dict(meta.source.get("kwargs") or {}), weights=weights,
-                       pretrained=pretrained)
+                       pretrained=pretrained, use_ema=bool(event.get("use_ema")))
 
 
 def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | None = None, *,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -130,8 +131,10 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     _lock(fd)  # held until the rename: the temp file is live, not a leftover
     tmp_path = Path(tmp)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         yield tmp_path
+        # mkstemp makes 0600, and a writer may replace the temp file with one of its own
+        # (safetensors does): set the mode on whatever file is there now, once.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         _fault_before_rename(dest, tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
@@ -143,6 +146,53 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         converted = as_write_error(dest, e) if isinstance(e, Exception) else None
         if isinstance(e, WriteError) and e.path == tmp_path:  # a nested write of our temp file
             converted = write_error(dest, e.reason, code=e.code if isinstance(e.code, int) else None)
+        if converted is not None and converted is not e:
+            raise converted from None
+        raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``dest`` to fill; on success its files get the umask's
+    mode and are fsynced, and it takes ``dest``'s name (one rename when ``dest`` is
+    absent or empty; else each file is renamed over its namesake, other files stay).
+
+    On any error the temp folder is removed and ``dest`` is unchanged."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise WriteError(f"could not write {dest}: a file of that name is in the way; choose "
+                         "another path", dest, "a file is in the way")
+    make_folder(dest.parent)
+    remove_stale_temps(dest.parent, dest.name)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise as_write_error(dest, e) from None
+    fd = os.open(tmp, os.O_RDONLY)
+    _lock(fd)  # held until the rename, as for a file
+    try:
+        yield tmp
+        mask = _umask()
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~mask)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            for path in tmp.iterdir():
+                os.replace(path, dest / path.name)
+            tmp.rmdir()
+            _fsync_dir(dest)
+        _fsync_dir(dest.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        converted = as_write_error(dest, e) if isinstance(e, Exception) else None
         if converted is not None and converted is not e:
             raise converted from None
         raise
@@ -168,7 +218,7 @@ def _lock(fd: int) -> None:
 
 
 def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Remove the temp files (``.NAME.XXXX.tmp``) that killed writes left in ``folder``
+    """Remove the temp files and folders (``.NAME.XXXX.tmp``) that killed writes left in ``folder``
     (of the output ``name`` only, if given). A temp file whose writer is alive holds its
     lock and is left alone. Returns what was removed."""
     if fcntl is None:
@@ -177,7 +227,8 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
     removed = []
     try:
         entries = [e.path for e in os.scandir(folder)
-                   if e.name.startswith(prefix) and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False)]
+                   if e.name.startswith(prefix) and e.name.endswith(".tmp")
+                   and (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))]
     except OSError:
         return []
     for path in entries:
@@ -187,7 +238,10 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)  # nobody writes it: a killed write's leftover
+            if os.path.isdir(path):  # an ``atomic_folder``'s leftover
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)  # nobody writes it: a killed write's leftover
             removed.append(Path(path))
         except OSError:
             pass  # a live writer holds it (or it is already gone)
@@ -217,7 +271,16 @@ def _fault_before_rename(dest: Path, tmp: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask. Read from /proc where it can be: setting it to read it back
+    would, for an instant, let another thread create files with no mask at all."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # the brief window errs on the private side
     os.umask(mask)
     return mask
 

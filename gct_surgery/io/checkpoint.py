@@ -27,7 +27,7 @@ from ..core.targets import TargetSpec
 from ..errors import CheckpointError, SourceError, UserError
 from .metadata import (CROP_MODES, INTERPOLATIONS, METADATA_KEY, PREPROCESSING_KEYS, CheckpointMeta,
                        check_against_header)
-from .safetensors_file import dedupe_shared, read_header, read_tensors, restore_aliases, save_tensors
+from .safetensors_file import dedupe_shared, read_header, read_tensors, restore_aliases, save_tensors, sniff
 from .source_rules import check_recorded_source, recordable
 from .sources import ModelSource, build_model, model_data_config, parse_source
 from .state_dicts import load_weights
@@ -36,17 +36,62 @@ RECORD_ATTR = "_gct_record"  # the CheckpointMeta a model was loaded or saved wi
 
 
 def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
-    """The validated gct-surgery metadata of a checkpoint; an error if it is not one of ours."""
-    header, metadata = read_header(path)
+    """The validated gct-surgery metadata of a checkpoint; an error if it is not one of
+    ours, saying the command that makes one (or, for a run folder, the file in it)."""
+    hint = run_folder_hint(Path(path))
+    if hint:
+        raise CheckpointError(hint)
+    try:
+        header, metadata = read_header(path)
+    except CheckpointError as e:
+        if Path(path).is_file() and sniff(path) in ("torch-zip", "pickle"):
+            raise CheckpointError(f"{e}: first `gct-surgery inject {path} --arch timm:NAME` (a timm "
+                                  f"train.py checkpoint names its own), then use the "
+                                  f"{default_checkpoint_name(str(path))} it writes") from None
+        raise
     if METADATA_KEY not in metadata:
         raise CheckpointError(
             f"{path} is a safetensors file but not a gct-surgery checkpoint (no "
             f"{METADATA_KEY} metadata): a plain state dict. Make a checkpoint of it with "
-            f"`gct-surgery inject {path} --arch timm:NAME -o OUT.safetensors` (--arch names "
-            "the architecture it was trained as)")
+            f"`gct-surgery inject {path} --arch timm:NAME` (--arch names the architecture it "
+            f"was trained as), then use the {default_checkpoint_name(str(path))} it writes")
     meta = CheckpointMeta.from_json(metadata[METADATA_KEY], path)
     check_against_header(meta, header, path)
     return meta
+
+
+def run_folder_hint(path: Path) -> str | None:
+    """A run folder where a checkpoint file belongs: the file in it to give instead."""
+    if not path.is_dir():
+        return None
+    found = [path / n for n in RUN_CHECKPOINTS if (path / n).is_file()]
+    if not found:
+        return None
+    rest = f" (or {', '.join(map(str, found[1:]))})" if len(found) > 1 else ""
+    return f"{path} is a run folder, not a checkpoint: use {found[0]}{rest}"
+
+
+RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors", "ema.safetensors")  # what a run writes
+_WEIGHTS_SUFFIXES = (".tar", ".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+def default_checkpoint_name(source: str) -> Path:
+    """The gated checkpoint's name for a SOURCE: ``model.pth.tar`` ->
+    ``model.gct.safetensors`` beside it; ``timm:resnet18`` -> ``resnet18.gct.safetensors``
+    (``hf-hub:org/name``'s name, a ``local-dir``'s folder name) in the current folder."""
+    kind, location = parse_source(source)
+    if kind in ("file", "pickle"):
+        path = Path(location)
+        name = path.name
+        while Path(name).suffix in _WEIGHTS_SUFFIXES and Path(name).stem:
+            name = Path(name).stem
+        return path.with_name(f"{name}.gct.safetensors")
+    if kind == "factory":
+        name = location.rpartition(":")[2]
+    else:
+        name = location.partition(":")[2] if location.startswith(("hf-hub:", "local-dir:")) else location
+        name = Path(name.rstrip("/\\").split("@")[0]).name or "model"
+    return Path(f"{name}.gct.safetensors")
 
 
 def is_gct_checkpoint(path: str | os.PathLike) -> bool:

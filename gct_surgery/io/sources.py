@@ -3,6 +3,8 @@
 =============================  ==============================================
 ``timm:NAME``                  ``timm.create_model``; a local weights file goes
                                through ``pretrained_cfg_overlay=dict(file=...)``
+``timm:hf-hub:ID``,            timm's own sources, resolved once (``resolve_timm_hub``)
+``timm:local-dir:PATH``        to the architecture and config they hold
 ``torchvision:NAME``           ``torchvision.models.get_model``, plus a local
                                weights file
 ``path/to/file.py:factory``    a user's own ``nn.Module`` factory
@@ -17,25 +19,27 @@ checkpoint records that folder as the source's ``root``, so loading works from
 anywhere else).
 
 A checkpoint file that holds a plain state dict is a *weights* file for one of the
-architectures above (``--arch``). ``parse_source`` only decides what kind of source a
+architectures above (``--arch``); other trainers' files are read by ``foreign``. ``parse_source`` only decides what kind of source a
 string names; ``build_model`` builds it. Which sources a checkpoint may record is
 ``source_rules``; reading and loading state dicts is ``state_dicts``.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import CheckpointError, SourceError, UserError, first_line
-from .state_dicts import load_state_dict_file, load_weights, require_file
+from .foreign import load_file_weights, read_weights_file
+from .state_dicts import require_file
 
 IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 
@@ -47,6 +51,9 @@ class ModelSource:
     ``kwargs`` go to the builder (``num_classes``, ``in_chans``...). ``weights`` is a
     local file loaded after building; with ``pretrained`` on a timm model it goes
     through timm's own pretrained loader (which adapts the head and input channels).
+    ``use_ema`` takes a trainer's EMA weights from ``weights``; ``pretrained_cfg`` is
+    the config a ``timm:hf-hub:``/``local-dir:`` source held (never recorded: the
+    checkpoint records the architecture it resolved to).
     """
 
     spec: str
@@ -54,6 +61,8 @@ class ModelSource:
     weights: str | None = None
     pretrained: bool = False
     root: str | None = None  # package.module:factory: the folder the package was found in
+    use_ema: bool = False
+    pretrained_cfg: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         d = {"spec": self.spec, "kwargs": dict(self.kwargs)}
@@ -109,13 +118,72 @@ def build_model(source: ModelSource, *, allow_pickle: bool = False) -> nn.Module
     elif kind == "pickle":
         model = _load_pickled_module(location, allow_pickle)
     else:
-        raise SourceError(
-            f"{source.spec!r} is a file, not an architecture: give --arch timm:NAME, "
-            "torchvision:NAME or path/to/file.py:factory")
+        raise not_an_architecture(source.spec)
     if source.weights and not (kind == "timm" and source.pretrained):
-        load_weights(model, load_state_dict_file(source.weights, allow_pickle=allow_pickle),
-                     what=source.weights)
+        weights = read_weights_file(source.weights, use_ema=source.use_ema, allow_pickle=allow_pickle)
+        load_file_weights(model, weights.tensors, what=source.weights)
     return model
+
+
+def not_an_architecture(text: str) -> SourceError:
+    """``--arch`` given a file or a bare name: the architecture it probably meant."""
+    if Path(text).is_file():
+        return SourceError(f"{text!r} is a file, not an architecture: give --arch timm:NAME, "
+                           "torchvision:NAME or path/to/file.py:factory")
+    import timm
+
+    if timm.is_model(text.split(".")[0]):
+        return SourceError(f"{text!r} is not a file; did you mean --arch timm:{text}?")
+    import torchvision
+
+    if text in torchvision.models.list_models():
+        return SourceError(f"{text!r} is not a file; did you mean --arch torchvision:{text}?")
+    close = close_timm_names(text)
+    hint = f" (close timm names: {', '.join(close)})" if close else ""
+    return SourceError(f"{text!r} is neither a file nor an architecture{hint}; give --arch "
+                       "timm:NAME, torchvision:NAME or path/to/file.py:factory")
+
+
+def close_timm_names(name: str, n: int = 5) -> list[str]:
+    """timm model names near a misspelt one: by spelling, then by containing it."""
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.75)
+    return (close + [m for m in timm.list_models(f"*{name}*") if m not in close])[:n]
+
+
+HUB_SOURCES = ("hf-hub:", "local-dir:")
+
+
+def resolve_timm_hub(source: ModelSource) -> ModelSource:
+    """``timm:hf-hub:ID`` and ``timm:local-dir:PATH`` as the architecture and config
+    they hold (timm's ``load_model_config_from_*``), with their weights: the checkpoint
+    then records ``timm:ARCH`` and never needs the folder or the network again."""
+    kind, location = parse_source(source.spec)
+    if kind != "timm" or not location.startswith(HUB_SOURCES):
+        return source
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    hub, _, ident = location.partition(":")
+    try:
+        if hub == "local-dir":
+            cfg, arch, model_args = load_model_config_from_path(Path(ident).resolve())
+        else:
+            cfg, arch, model_args = load_model_config_from_hf(ident)
+    except Exception as e:  # no config.json; huggingface_hub: offline and not cached, no network
+        if hub == "local-dir":
+            raise SourceError(f"timm:{location}: no config.json in {Path(ident).resolve()}; a "
+                              "local-dir: folder holds config.json and model.safetensors, as "
+                              "timm's save_for_hf writes them") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = ("is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline
+               else f"could not be fetched ({type(e).__name__})")
+        raise SourceError(f"timm:{location} {why}; download it once with the network on, or save "
+                          "it to a folder and pass timm:local-dir:PATH") from None
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in (model_args or {}).items()}
+    return replace(source, spec=f"timm:{arch}", kwargs={**kwargs, **source.kwargs},
+                   pretrained=source.pretrained or not source.weights, pretrained_cfg=dict(cfg))
 
 
 MAX_MODEL_ELEMENTS = 2**30  # 4 GiB of float32: far beyond any CNN this tool gates
@@ -148,6 +216,8 @@ def _build_timm(name: str, source: ModelSource) -> nn.Module:
 
     kwargs = dict(source.kwargs)
     pretrained = source.pretrained
+    if source.pretrained_cfg:
+        kwargs["pretrained_cfg"] = source.pretrained_cfg
     if pretrained and source.weights:
         require_file(source.weights)
         kwargs["pretrained_cfg_overlay"] = dict(file=str(source.weights))
@@ -155,8 +225,8 @@ def _build_timm(name: str, source: ModelSource) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            close = timm.list_models(f"*{name}*")[:5]
-            hint = f"; similar: {', '.join(close)}" if close else ""
+            close = close_timm_names(name)
+            hint = f"; did you mean {' or '.join(f'timm:{c}' for c in close[:3])}?" if close else ""
             raise SourceError(f"unknown timm model {name!r}{hint}") from None
         raise
     except (OSError, ValueError) as e:
@@ -275,7 +345,12 @@ def model_data_config(model: nn.Module, kind: str | None = None) -> dict:
         from timm.data import resolve_data_config
 
         resolved = resolve_data_config({}, model=model)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
+        data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
+        first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        if first is not None and first.in_channels != data["input_size"][0]:
+            data["input_size"] = [first.in_channels, *data["input_size"][1:]]  # timm keeps [3, ...]
+            fit_channels(data, first.in_channels)
+        return data
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     channels = first.in_channels if first is not None else 3
     dims = len(first.kernel_size) if first is not None else 2
@@ -308,3 +383,20 @@ def _load_pickled_module(path: str, allow_pickle: bool) -> nn.Module:
 def _kwargs_text(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
+
+def fit_channels(cfg: dict, channels: int) -> None:
+    """One mean and std value per input channel. timm's pretrained config keeps
+    ImageNet's three for a model built with ``in_chans=1`` (and then asserts on them):
+    a grey model gets their average, as timm's ``adapt_input_conv`` sums the RGB
+    filters into one. Any other mismatch is the record's error, named."""
+    for key in ("mean", "std"):
+        values = cfg.get(key)
+        if values is None or len(values) == channels:
+            continue
+        if channels == 1:
+            cfg[key] = (sum(values) / len(values),)
+        elif len(values) == 1:
+            cfg[key] = tuple(values) * channels
+        else:
+            raise SourceError(f"the checkpoint records {len(values)} {key} values for {channels} input "
+                            f"channels; record {channels} with `gct-surgery inject ... --{key} ...`")

@@ -30,23 +30,38 @@ def require_file(path: str | os.PathLike) -> None:
 
 def load_state_dict_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict:
     """Read a state dict from a .safetensors or torch file, unwrapping the usual
-    containers (``state_dict``, ``model``) and a DDP ``module.`` prefix.
+    containers (``state_dict``, ``model``) and the DDP and torch.compile prefixes.
+    Other trainers' files (an EMA to choose, a Lightning prefix) are ``foreign``'s.
 
     torch files load with ``weights_only=True`` unless ``allow_pickle``: a pickle can
     run code, and a downloaded checkpoint is untrusted data. The file's bytes decide
     how it is read, not its extension.
     """
-    import torch
-
     path = Path(path)
     require_file(path)
     if is_safetensors(path):
         return read_tensors(path)
+    return unwrap_state_dict(read_torch_file(path, allow_pickle=allow_pickle), path)
+
+
+def read_torch_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:
+    """What a torch file holds, read with ``weights_only=True`` unless ``allow_pickle``.
+
+    ``argparse.Namespace`` is allowed, as timm's own loader allows it: timm's
+    ``train.py`` pickles its ``args`` into every checkpoint, and a Namespace only holds
+    attributes. Any other class still needs ``allow_pickle``.
+    """
+    import argparse
+
+    import torch
+
+    path = Path(path)
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise around one clear line
             warnings.simplefilter("ignore")
-            with open(path, "rb") as f:  # a file object: torch would go by a .safetensors name
-                obj = torch.load(f, map_location="cpu", weights_only=not allow_pickle)
+            with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
+                # a file object: torch would go by a .safetensors name
+                return torch.load(f, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
         if not allow_pickle and "weights_only" in str(e):
             raise CheckpointError(
@@ -56,7 +71,6 @@ def load_state_dict_file(path: str | os.PathLike, *, allow_pickle: bool = False)
     except Exception as e:  # torch raises many types on corrupt zips/pickles
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
                               f"{first_line(e)[:200]})") from None
-    return unwrap_state_dict(obj, path)
 
 
 def unwrap_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict:
@@ -79,9 +93,20 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict:
         keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
         raise CheckpointError(f"{path} does not hold a state dict of named tensors (top-level keys: "
                               f"{keys:.200}); save one with torch.save(model.state_dict(), PATH)")
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    return strip_wrapper_prefixes(tensors)
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+
+
+def strip_wrapper_prefixes(tensors: dict) -> dict:
+    """Keys saved through DDP (``module.``) or torch.compile (``_orig_mod.``), wrapped
+    in either order, as the bare model names them."""
+    while tensors:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in tensors)), None)
+        if prefix is None:
+            break
+        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return tensors
 
 

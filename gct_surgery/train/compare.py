@@ -32,16 +32,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 from ..core.surgery import remove
 from ..errors import UserError
 from . import lock
 from .config import RunResult, TrainConfig, resume_overrides
+from .extend import extend_run, extended, refuse_fixed
 from .faults import RunError
 from .loop import finetune, log_event, resume, run_recipe
-from .outputs import (COMPARISON_PLAN, read_arm_result, read_comparison_plan, write_arm_result,
-                      write_comparison_plan)
-from .progress import STATE_FILE
+from .outputs import (COMPARISON_PLAN, read_arm_result, read_comparison_plan, record_extension,
+                      write_arm_result, write_comparison_plan)
+from .progress import STATE_FILE, read_state
 from .recipe import Recipe
 from .run import Event
 from .stages import Stage
@@ -71,7 +73,7 @@ def plain_recipe(recipe: Recipe) -> Recipe:
     epochs = sum(s.epochs for s in recipe.stages)
     stage = replace(full, name="plain", kind="full", epochs=epochs, train_head=False,
                     train_bn=False, freeze_bn=None, base_lr=full.effective_base_lr)
-    return Recipe((stage,), f"{recipe.source} (plain: one full stage of {epochs} epochs)")
+    return Recipe((stage,), f"{recipe.source} (plain: one full stage of {epochs} epoch{'s' if epochs != 1 else ''})")
 
 
 @dataclass
@@ -152,16 +154,44 @@ def is_comparison(folder: str | Path) -> bool:
 
 
 def resume_comparison(out: str | Path, *, on_event: Event | None = None, data: str | None = None,
-                      strict: bool | None = None, skip_nonfinite: int | None = None) -> Comparison:
+                      strict: bool | None = None, skip_nonfinite: int | None = None,
+                      epochs: int | None = None, fixed: Iterable[str] = ()) -> Comparison:
     """Continue an interrupted comparison: finished arms are read back, the interrupted
     one resumes, the rest start; then the verdict. ``data``, ``strict`` and
-    ``skip_nonfinite`` may be changed, as for ``resume``."""
+    ``skip_nonfinite`` may be changed, as for ``resume``; ``epochs`` extends every arm
+    alike (``_extend``); ``fixed`` options are refused by name."""
     out = Path(out)
+    refuse_fixed(fixed, out / COMPARISON_PLAN)
     overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
     with lock.hold(out, create=False, what="comparison"):
         checkpoint, recipe, config, seeds, plain = read_comparison_plan(out)
+        if epochs is not None:
+            recipe = _extend(out, recipe, config, seeds, plain, epochs)
         return _run_arms(checkpoint, recipe, replace(config, **overrides), seeds, plain,
                          on_event, overrides)
+
+
+def _extend(out: Path, recipe: Recipe, config: TrainConfig, seeds: int, plain: bool,
+            epochs: int) -> Recipe:
+    """Every arm gets the same new recipe: ``epochs`` in each stage from the furthest
+    stage any arm has reached (the plain arm: the new total), checked for every arm
+    before any is changed; then each run.json and the plan record it."""
+    folders = [out / f"seed-{config.seed + i}" / arm for i in range(seeds)
+               for arm in ("gct", "control", *(("plain",) if plain else ()))]
+    states = {f: read_state(f) for f in folders if (f / STATE_FILE).exists()}
+    start = max((int(s["stage_index"]) for f, s in states.items() if f.name != "plain"), default=0)
+    after = extended(recipe, epochs, start)
+
+    def arm_recipe(folder: Path):
+        if folder.name == "plain":
+            return lambda r: extended(r, after.total_epochs, 0)
+        return lambda r: extended(r, epochs, start)
+
+    for record in (False, True):
+        for folder, state in states.items():
+            extend_run(folder, state, epochs, arm_recipe(folder), record=record)
+    record_extension(out / COMPARISON_PLAN, after, epochs=epochs)
+    return after
 
 
 def _run_arms(checkpoint: str, recipe: Recipe, config: TrainConfig, seeds: int, plain: bool,
@@ -177,11 +207,12 @@ def _run_arms(checkpoint: str, recipe: Recipe, config: TrainConfig, seeds: int, 
 
         tag = _tagged(on_event, seed, out)
         gct = _arm_run(lambda c, e: finetune(checkpoint, recipe, c, on_event=e),
-                       arm_config("gct"), tag("gct"), overrides)
+                       arm_config("gct"), tag("gct"), overrides, recipe.total_epochs)
         control = _arm_run(lambda c, e: finetune_control(checkpoint, recipe, c, on_event=e),
-                           arm_config("control"), tag("control"), overrides)
+                           arm_config("control"), tag("control"), overrides, recipe.total_epochs)
         reference = (_arm_run(lambda c, e: finetune_control(checkpoint, plain_recipe(recipe), c, on_event=e),
-                              arm_config("plain"), tag("plain"), overrides) if plain else None)
+                              arm_config("plain"), tag("plain"), overrides, recipe.total_epochs)
+                     if plain else None)
         results.append(SeedRuns(seed, gct, control, reference))
     verdict = _verdict([r.gct for r in results], [r.control for r in results], "control")
     plain_verdict = (_verdict([r.gct for r in results], [r.plain for r in results], "plain")
@@ -193,12 +224,14 @@ def _run_arms(checkpoint: str, recipe: Recipe, config: TrainConfig, seeds: int, 
     return comparison
 
 
-def _arm_run(start, config: TrainConfig, on_event: Event | None, overrides: dict) -> RunResult:
-    """A finished arm's result read back, an interrupted one resumed, or a new one run;
-    a finished arm leaves ``result.json`` for the next resume."""
+def _arm_run(start, config: TrainConfig, on_event: Event | None, overrides: dict,
+             epochs: int) -> RunResult:
+    """A finished arm's result read back, an interrupted (or extended: fewer than
+    ``epochs`` rows) one resumed, or a new one run; a finished arm leaves ``result.json``
+    for the next resume."""
     folder = Path(config.out)
     result = read_arm_result(folder)
-    if result is not None:
+    if result is not None and len(result.rows) == 1 + epochs:
         if on_event is not None:
             on_event("arm_done", {"run_dir": str(folder)})
         return result

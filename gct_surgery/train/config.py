@@ -6,9 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .machine import check_given
 
 AMP_MODES = ("off", "bf16", "fp16")
 ARMS = ("gct", "control", "plain")  # what a run is in a comparison (train/compare.py)
+# Fine-tuning augmentation defaults, milder than timm's from-scratch ImageNet setting
+# (scale 0.08-1, jitter 0.4); chosen by benchmarks/study_augmentation.py, see
+# docs/finetuning.md "Augmentation: why this default".
+CROP_SCALE = 0.5
+HFLIP = 0.5
+COLOR_JITTER = 0.1
 
 
 @dataclass
@@ -18,13 +25,19 @@ class TrainConfig:
     data: str
     out: str
     batch_size: int = 32            # global, over all ranks
-    workers: int = 2
+    workers: int | None = None     # loader processes; None: auto (train/machine.py)
+    threads: int | None = None     # torch intra-op threads; None: auto (train/machine.py)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     amp: str = "off"                # off | bf16 (CPU or CUDA) | fp16 (CUDA)
     num_classes: int | None = None  # replace the head for a data set with another class count
     img_size: int | None = None     # override the checkpoint's input size (square)
     augment: bool = True            # timm's train augmentation (False: resize + center crop)
+    crop_scale: float = CROP_SCALE  # random resized crop: smallest area share kept (timm's scratch: 0.08)
+    hflip: float = HFLIP            # horizontal flip probability
+    color_jitter: float = COLOR_JITTER  # brightness/contrast/saturation jitter (timm's scratch: 0.4)
+    val_split: float | None = None  # hold out this share of train/ per class (no val split)
+    class_map: str | None = None    # timm class map file: fixes class order and indices
     ema: bool = False               # ModelEmaV3; validation and best.safetensors use it
     ema_decay: float | None = None  # None: suits the run's length (ema_decay_for)
     save_every: int = 0             # also write the train state every N steps (0: per epoch)
@@ -35,6 +48,8 @@ class TrainConfig:
     fast_frozen: bool = True        # gates stages: frozen.frozen_base (cheap frozen convs, BN folded)
     impl: str = "fast"              # gate implementation: fast (fused) or reference (official ops)
     arm: str = "gct"                # gct | control (gates removed) | plain: see compare.py
+    channels_last: bool = False     # model and inputs in torch.channels_last
+    drop_path: float = 0.0          # stochastic depth rate; a timm model is rebuilt with it
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -45,10 +60,23 @@ class TrainConfig:
             raise UserError("metrics format is csv or jsonl")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserError("--num-classes must be at least 1")
+        check_given(self.threads, self.workers)
         if self.skip_nonfinite < 0:
             raise UserError("--skip-nonfinite must be 0 or more")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay {self.ema_decay}: choose a number in [0, 1), e.g. 0.999")
+        if not 0 < self.crop_scale <= 1:
+            raise UserError(f"--crop-scale {self.crop_scale}: choose a share in (0, 1], e.g. {CROP_SCALE}")
+        if not 0 <= self.hflip <= 1:
+            raise UserError(f"--hflip {self.hflip}: choose a probability in [0, 1], e.g. {HFLIP}")
+        if self.color_jitter < 0:
+            raise UserError(f"--color-jitter {self.color_jitter}: choose 0 or more, e.g. {COLOR_JITTER}")
+        if self.val_split is not None and not 0 < self.val_split < 1:
+            raise UserError(f"--val-split {self.val_split}: choose a share in (0, 1), e.g. --val-split 0.2")
+        if self.class_map is not None:  # recorded: resume and eval find it from anywhere
+            self.class_map = str(Path(self.class_map).resolve())
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--drop-path {self.drop_path}: a rate in [0, 1), e.g. 0.1")
         if self.arm not in ARMS:
             raise UserError(f"unknown run arm {self.arm!r}; one of {', '.join(ARMS)}")
         ref, sep, attr = (self.task or "").rpartition(":")
@@ -56,10 +84,15 @@ class TrainConfig:
             self.task = f"{Path(ref).resolve()}:{attr}"
 
 
+RESUMABLE = ("data", "strict", "skip_nonfinite", "epochs")  # what a resume may change
+
+
 def resume_overrides(*, data: str | None = None, strict: bool | None = None,
-                     skip_nonfinite: int | None = None) -> dict:
-    """The settings a resumed run (or comparison) may change, those given only."""
-    given = {"data": data, "strict": strict, "skip_nonfinite": skip_nonfinite}
+                     skip_nonfinite: int | None = None, epochs: int | None = None) -> dict:
+    """The settings a resumed run (or comparison) may change, those given only; every
+    other recorded setting is fixed (``extend.refuse_fixed``). ``epochs`` extends the
+    stages not yet finished (``extend.py``); the rest are config fields."""
+    given = {"data": data, "strict": strict, "skip_nonfinite": skip_nonfinite, "epochs": epochs}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -89,6 +122,7 @@ class RunResult:
     higher_is_better: bool = True             # for the primary metric
     stages: list[dict] = field(default_factory=list)  # per stage: trainable params, gate movement
     val_samples: int = 0                      # validation samples each row was measured on
+    machine: dict = field(default_factory=dict)  # machine.MachineChoice.to_dict(): threads, workers
 
     @property
     def last(self) -> dict | None:
@@ -102,4 +136,4 @@ class RunResult:
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "metric_names": list(self.metric_names), "primary_metric": self.primary_metric,
                 "higher_is_better": self.higher_is_better, "stages": self.stages,
-                "val_samples": self.val_samples}
+                "val_samples": self.val_samples, "machine": self.machine}

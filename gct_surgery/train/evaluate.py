@@ -23,7 +23,8 @@ from ..io.metadata import CheckpointMeta
 from . import distributed
 from .device import autocast, batch_size_of, to_device
 from .faults import refuse_nonfinite
-from .images import DataReport, check_strict, open_split
+from .images import DataReport, check_strict
+from .scan import class_folders, split_dir
 from .task import ClassificationTask, Task, TaskError, has_breakdown, load_task
 
 
@@ -87,6 +88,7 @@ class EvalResult:
     breakdown_name: str = "breakdown"
     breakdown_title: str = "breakdown"
     data: dict = field(default_factory=dict)  # images.DataReport.to_dict(): bad files skipped...
+    machine: dict = field(default_factory=dict)  # machine.MachineChoice.to_dict(): threads, workers
 
     def __getattr__(self, name: str) -> Any:
         fields = self.__dict__  # not self.metrics: unset while unpickling or copying
@@ -101,21 +103,24 @@ class EvalResult:
         return {"checkpoint": self.checkpoint, "split": self.split, "task": self.task,
                 **self.metrics, "primary_metric": self.primary_metric,
                 "higher_is_better": self.higher_is_better, "samples": self.samples,
-                self.breakdown_name: self.breakdown, "data": self.data}
+                self.breakdown_name: self.breakdown, "data": self.data, "machine": self.machine}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "val",
-                        batch_size: int = 64, workers: int = 2, device: str = "auto",
+                        batch_size: int = 64, workers: int | None = None,
+                        threads: int | None = None, device: str = "auto",
                         amp: str = "off", img_size: int | None = None,
                         strict: bool = False, impl: str = "fast",
-                        task: str | None = None) -> EvalResult:
+                        task: str | None = None, class_map: str | None = None) -> EvalResult:
     """Loss, the task's metrics and its breakdown (per-class accuracy for classification)
     of a checkpoint on one split.
 
     The task is ``task`` (a ``--task`` string), else the one the checkpoint was
     fine-tuned with, else classification. Unreadable images are skipped and reported in
-    ``data`` (``strict``: an error).
+    ``data`` (``strict``: an error). ``workers``/``threads`` None: auto (machine.py).
     """
+    from . import machine
+
     from .loaders import create_transform, resolve_data_config
 
     loaded = load_checkpoint(checkpoint)
@@ -123,11 +128,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     refuse_nonfinite(model, checkpoint, "evaluated")  # NaN outputs would make NaN metrics
     set_gate_impl(model, impl)
     dev = distributed.device_for(device)
+    chosen = machine.choose(dev.type, threads=threads, workers=workers)
+    machine.apply(chosen)
     spec, scorer = _task_for(checkpoint, meta, task)
     cfg = resolve_data_config(meta.data, model, img_size=img_size)
     if isinstance(scorer, ClassificationTask):
         dataset = _classification_split(scorer, model, meta, data, split,
-                                        create_transform(cfg, training=False), strict)
+                                        create_transform(cfg, training=False), cfg["input_size"][0],
+                                        class_map)
     else:
         dataset = _task_split(scorer, spec, data, split, cfg)
         if callable(getattr(scorer, "check_model", None)):
@@ -137,7 +145,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     if strict:
         check_strict(report)
     model.to(dev)
-    r = evaluate(model, dataset, scorer, dev, amp=amp, batch_size=batch_size, workers=workers,
+    r = evaluate(model, dataset, scorer, dev, amp=amp, batch_size=batch_size, workers=chosen.workers,
                  report=report, strict=strict, breakdown=True)
     return EvalResult(
         str(checkpoint), split, spec,
@@ -145,7 +153,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
         primary_metric=scorer.primary_metric, higher_is_better=scorer.higher_is_better,
         samples=r["samples"], breakdown=r.get("breakdown", []),
         breakdown_name=getattr(scorer, "breakdown_name", "breakdown"),
-        breakdown_title=getattr(scorer, "breakdown_title", "breakdown"), data=report.to_dict())
+        breakdown_title=getattr(scorer, "breakdown_title", "breakdown"), data=report.to_dict(),
+        machine=chosen.to_dict())
 
 
 def recorded_task(meta: CheckpointMeta, where: str = "checkpoint") -> str | None:
@@ -189,19 +198,45 @@ def _task_for(checkpoint: str | Path, meta: CheckpointMeta, requested: str | Non
 
 
 def _classification_split(task: ClassificationTask, model: nn.Module, meta: CheckpointMeta,
-                          data: str | Path, split: str, transform, strict: bool):
-    """The split with the checkpoint's class names as labels, refused when it has more
-    classes than the model predicts."""
+                          data: str | Path, split: str, transform, channels: int = 3,
+                          class_map: str | None = None):
+    """The split with the checkpoint's class names (or ``class_map``'s) as labels,
+    refused when it has more classes than the model predicts. On a train-only folder,
+    the share of train the checkpoint's run held out (``layouts``)."""
+    from .layouts import load_class_map, open_eval_split, read_csv_split, recorded_options, split_source
+
     names = meta.data.get("class_names")
-    class_to_idx = {c: i for i, c in enumerate(names)} if names else None
-    dataset = open_split(data, split, transform=transform, class_to_idx=class_to_idx, strict=strict)
-    classes = names or dataset.classes
+    if class_map:
+        mapped = [c for c, _ in sorted(load_class_map(class_map).items(), key=lambda kv: kv[1])]
+        if names and mapped != list(names):
+            raise UserError(f"--class-map {class_map} orders the classes otherwise than the checkpoint "
+                            f"records ({', '.join(names[:8])}); drop --class-map")
+        names = mapped
     n_out = model_num_classes(model)
+    folder = split_source(data, split) or split_source(data, "train") or split_dir(data, split)
+    found = class_folders(folder) if folder.is_dir() else read_csv_split(folder, Path(data))[2]
+    if (names and any(c not in names for c in found)) or (n_out is not None and n_out < len(found)):
+        raise _class_mismatch(folder, found, names, n_out)
+    class_to_idx = {c: i for i, c in enumerate(names)} if names else None
+    dataset = open_eval_split(data, split, recorded_options(meta), class_to_idx=class_to_idx,
+                              transform=transform, channels=channels)
+    classes = names or dataset.classes
     if n_out is not None and n_out < len(classes):
-        raise UserError(f"{split} has {len(classes)} classes but the model predicts {n_out}; "
-                        "is this the data it was fine-tuned on?")
+        raise _class_mismatch(folder, list(classes), names, n_out)
     task.class_names = list(classes)
     return dataset
+
+
+def _class_mismatch(folder: Path, found: list[str], names: list[str] | None,
+                    n_out: int | None) -> UserError:
+    """The data's classes are not the checkpoint's: say both, and the two ways on."""
+    head = f"{n_out}" if n_out is not None else f"{len(names or ())}"
+    known = f" ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if names else ""
+    return UserError(
+        f"{folder} has {len(found)} classes ({', '.join(found[:8])}{', ...' if len(found) > 8 else ''}) "
+        f"and the checkpoint's head {head}{known}: evaluate on a folder with the checkpoint's "
+        f"classes, or fine-tune for these first: gct-surgery finetune CHECKPOINT --data {folder.parent} "
+        f"--num-classes {len(found)} -o RUN")
 
 
 def _task_split(task: Task, spec: str, data: str | Path, split: str, cfg: dict):

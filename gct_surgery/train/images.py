@@ -83,12 +83,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and convert one file (the file is closed on return)."""
+def read_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """Open, fully decode and convert one file (the file is closed on return): RGB, or
+    grey ("L") for a model whose input has one channel (colour images converted)."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()  # decode now: a truncated file fails here, not inside a transform
-        return to_rgb(img)
+        img = to_rgb(img)
+        return img.convert("L") if channels == 1 else img
 
 
 def describe_failure(path: str | os.PathLike, error: BaseException) -> str:
@@ -146,9 +148,14 @@ class ImageFolderDataset(ImageDataset):
     sample alone and counts into ``report`` (single process use).
     """
 
-    def __init__(self, folder: Path, class_to_idx: dict[str, int], *, transform=None) -> None:
-        samples, report = scan_split(folder, class_to_idx)
+    def __init__(self, folder: Path, class_to_idx: dict[str, int], *, transform=None,
+                 scanned: tuple[list[tuple[str, int]], DataReport] | None = None,
+                 channels: int = 3) -> None:
+        # ``scanned``: samples and report already found (a CSV split, a held-out share;
+        # see layouts.py), paths relative to ``folder`` in the fingerprint.
+        samples, report = scanned if scanned is not None else scan_split(folder, class_to_idx)
         super().__init__(str(folder), reader=_Samples(folder, samples), transform=transform)
+        self.channels = channels
         self._class_to_idx = dict(class_to_idx)
         self.report = report
         self._bad: dict[int, str] = {}  # this process's memo of bad indices
@@ -205,7 +212,7 @@ class ImageFolderDataset(ImageDataset):
             return None, reason, False
         path, target = self.reader.samples[i]
         try:
-            img = read_image(path)
+            img = read_image(path, self.channels)
         except Exception as e:  # any decoder failure is the file's, not the run's
             self._bad[i] = describe_failure(path, e)
             return None, self._bad[i], True
@@ -289,7 +296,8 @@ def no_readable_image(folder: str, skipped: list[tuple[str, str]]) -> DataError:
 
 
 def open_split(root: str | Path, split: str, *, transform=None,
-               class_to_idx: dict[str, int] | None = None, strict: bool = False) -> ImageFolderDataset:
+               class_to_idx: dict[str, int] | None = None, strict: bool = False,
+               channels: int = 3) -> ImageFolderDataset:
     """One split as a dataset. ``class_to_idx`` (from the train split) keeps labels
     consistent across splits; a class folder it does not know is an error. Without it,
     labels follow the folder names, empty folders included (and reported)."""
@@ -302,7 +310,7 @@ def open_split(root: str | Path, split: str, *, transform=None,
         if unknown:
             raise DataError(f"{folder} has classes the train split lacks: {', '.join(unknown[:5])}")
     dataset = ImageFolderDataset(folder, class_to_idx or {c: i for i, c in enumerate(classes)},
-                                 transform=transform)
+                                 transform=transform, channels=channels)
     if len(dataset) == 0:
         raise DataError(f"{folder} holds no images: {len(classes)} class folder(s), none with a "
                         f"file ending in {', '.join(IMAGE_EXTENSIONS)}")

@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import DataError
+from ..io.sources import fit_channels
+from .config import COLOR_JITTER, CROP_SCALE, HFLIP
 from .faults import STOP_SIGNALS
 from .data_report import BAD_SHARE, DataReport, bad_share_line
 from .images import ImageFolderDataset, no_readable_image, strict_error
@@ -49,8 +51,10 @@ def resolve_data_config(recorded: dict, model: torch.nn.Module | None = None,
     if img_size is not None:
         channels = args.get("input_size", (3,))[0]
         args["input_size"] = (channels, img_size, img_size)
+    fit_channels(args, args.get("input_size", (3,))[0])
     cfg = timm_resolve(args, model=model)
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    fit_channels(cfg, cfg["input_size"][0])
     own = getattr(model, "pretrained_cfg", None) or {}
     assumed = [k for k in ("mean", "std", "interpolation", "crop_pct")
                if k in recorded.get("assumed", []) or (k not in args and own.get(k) is None)]
@@ -63,12 +67,18 @@ def resolve_data_config(recorded: dict, model: torch.nn.Module | None = None,
     return cfg
 
 
-def create_transform(cfg: dict, *, training: bool, augment: bool = True):
-    """timm's train or eval transform for a resolved data config."""
+def create_transform(cfg: dict, *, training: bool, augment: bool = True,
+                     crop_scale: float = CROP_SCALE, hflip: float = HFLIP,
+                     color_jitter: float = COLOR_JITTER):
+    """timm's train or eval transform for a resolved data config. The train transform
+    crops at least ``crop_scale`` of the image, flips with probability ``hflip`` and
+    jitters colour by ``color_jitter``: milder than timm's from-scratch defaults
+    (0.08, 0.5, 0.4), which suit ImageNet from scratch, not a few fine-tuning epochs."""
     from timm.data import create_transform as timm_transform
 
     return timm_transform(
         input_size=tuple(cfg["input_size"]), is_training=training, no_aug=not augment,
+        scale=(crop_scale, 1.0), hflip=hflip, color_jitter=color_jitter,
         interpolation=cfg.get("interpolation", "bilinear"), mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]), crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
 
@@ -76,14 +86,20 @@ def create_transform(cfg: dict, *, training: bool, augment: bool = True):
 # --- loaders -------------------------------------------------------------------------
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start part-way through an epoch (after a resume)."""
+    """A DistributedSampler that can start part-way through an epoch (after a resume).
+
+    Each index travels as ``(index, epoch, worker_seed)``: a persistent worker process
+    (started once per stage) learns from it that a new epoch began, and reseeds itself
+    as a freshly started worker would have been (``_Reported.enter_epoch``)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skip = 0
+        self.worker_seed = 0  # set by ``start_epoch``
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        tag = (self.epoch, self.worker_seed)
+        return ((i, *tag) for i in itertools.islice(super().__iter__(), self.skip, None))
 
     def __len__(self) -> int:
         return max(super().__len__() - self.skip, 0)
@@ -103,12 +119,37 @@ class _Reported(Dataset):
         self.indices = indices
         self.replace = replace
         self.seed = seed
-        self.epoch = 0  # set by ``start_epoch`` before the workers start
+        self.epoch = 0  # training: from the sampler's keys, see ``enter_epoch``
+        self._worker_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def enter_epoch(self, epoch: int, worker_seed: int) -> None:
+        """Replacements of bad samples are drawn per epoch; and a worker process kept
+        alive across epochs (``persistent_workers``) reseeds its RNGs exactly as torch
+        seeds a new worker (``_utils.worker._worker_loop``), so augmentation, the data
+        order and a resumed run match a loader whose workers restart every epoch."""
+        self.epoch = epoch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is None or worker_seed == self._worker_seed:
+            return
+        self._worker_seed = worker_seed
+        import random
+
+        import numpy as np
+        from torch.utils.data._utils.worker import _generate_state
+
+        random.seed(worker_seed + info.id)
+        torch.manual_seed(worker_seed + info.id)
+        np.random.seed(_generate_state(worker_seed, info.id))
+
+    def __getitem__(self, i):
+        if isinstance(i, tuple):  # training: (index, epoch, worker seed), see ResumableSampler
+            i, epoch, worker_seed = i
+            self.enter_epoch(epoch, worker_seed)
         j = self.indices[i] if self.indices is not None else i
         if isinstance(self.dataset, ImageFolderDataset):
             return self.dataset.load(j, replace=self.replace, epoch=self.epoch, seed=self.seed)
@@ -224,8 +265,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, training: bool, seed: int 
                 strict: bool = False, on_bad: Callable[[str, str], None] | None = None) -> ReportingLoader:
     """A loader over this rank's share. ``batch_size`` is per rank.
 
-    Training: shuffled by ``seed + epoch`` (call ``loader.sampler.set_epoch``), last
-    partial batch dropped so every step has the same global batch. Evaluation: a
+    Training: shuffled by ``seed + epoch`` (call ``start_epoch``), last partial batch
+    dropped so every step has the same global batch; worker processes (``workers``
+    > 0; ``machine.choose`` picks how many) live for the loader's life, not one epoch,
+    so their start-up is paid once per stage. Evaluation: a
     plain strided shard per rank with no padding, so summed metrics are exact. Bad
     files are counted into ``report`` (or fail the run under ``strict``).
     """
@@ -239,16 +282,21 @@ def make_loader(dataset: Dataset, batch_size: int, *, training: bool, seed: int 
         # Its own generator: creating an iterator never draws from the global RNG, and
         # worker seeds depend only on (seed, epoch); see ``start_epoch``.
         return ReportingLoader(items, batch_size=batch_size, sampler=sampler, drop_last=True,
-                               generator=torch.Generator().manual_seed(seed), **common)
+                               generator=torch.Generator().manual_seed(seed),
+                               persistent_workers=workers > 0, **common)
     shard = None if world_size == 1 else range(rank, len(dataset), world_size)
     return ReportingLoader(_Reported(dataset, shard, replace=False), batch_size=batch_size,
                            shuffle=False, **common)
 
 
 def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Set the epoch's order, and skip the batches a resumed run has already done."""
+    """Set the epoch's order, and skip the batches a resumed run has already done.
+
+    Worker seeds depend only on (seed, epoch): torch draws a new iterator's base seed
+    from ``loader.generator``; the same draw, made here, reseeds persistent workers."""
     sampler = loader.sampler
     sampler.set_epoch(epoch)
-    loader.dataset.epoch = epoch  # replacements of bad samples are drawn per epoch
     sampler.skip = skip_batches * loader.batch_size
     loader.generator.manual_seed(sampler.seed * 100_003 + epoch)
+    same = torch.Generator().manual_seed(sampler.seed * 100_003 + epoch)
+    sampler.worker_seed = int(torch.empty((), dtype=torch.int64).random_(generator=same).item())

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -106,3 +107,27 @@ def new_run(folder: str | os.PathLike) -> Iterator[Path]:
             raise RunError(f"{folder} holds a comparison (--baseline); continue it with "
                            f"--resume {folder} or choose another --out")
         yield folder
+
+
+RUN_MARKERS = ("run.json", STATE_FILE, COMPARISON_PLAN)  # what makes a folder a run's
+
+
+def replace_run(folder: str | os.PathLike) -> None:
+    """``finetune --force``: empty ``folder`` for a new run, when it holds a run or a
+    comparison that no live process holds (the lock says so). A folder that holds
+    something else is never touched: refused with one line."""
+    folder = Path(folder)
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return  # nothing to replace
+    if not folder.is_dir() or not any((folder / m).exists() for m in RUN_MARKERS):
+        raise RunError(f"{folder} is not a run folder (no {', '.join(RUN_MARKERS)}), so --force "
+                       "will not empty it; choose another --out")
+    with hold(folder, create=False):  # refused when a live run holds it
+        for entry in folder.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        _logger.info("removed the earlier run in %s (--force)", folder)

@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -37,23 +37,20 @@ from torch import nn
 from ..core.gate import set_gate_impl
 from ..core.heads import model_num_classes, replace_head
 from ..errors import UserError
-from ..io.checkpoint import rebuild, save
+from ..io.checkpoint import rebuild
 from ..io.metadata import CheckpointMeta
-from . import distributed, lock
+from . import distributed, lock, machine
 from .config import RunResult, TrainConfig, ema_decay_for, resume_overrides
-from .device import autocast, batch_size_of, to_device
-from .evaluate import evaluate, evaluate_checkpoint  # noqa: F401 (re-exported)
-from .faults import (Interrupted, NonFiniteLossError, RunError, StopFlag, WriteError,  # noqa: F401
-                     check_fault_spec, fault_hook, nonfinite_loss, nonfinite_weight, stop_run,
-                     writing)
-from .outputs import read_run_info, remove_stale_temps, write_metrics, write_plot, write_run_info
+from .epoch import end_epoch, epoch_zero, train_one_epoch
+from .faults import Interrupted, StopFlag, check_fault_spec, fault_hook, writing
+from .outputs import read_run_info, remove_stale_temps, write_plot, write_run_info
 from .progress import (STATE_FILE, Progress, gather_data_report, read_state, scan_data_report,
-                       seed_everything, set_rng_state, write_state)
+                       seed_everything, set_rng_state)
 from .recipe import Recipe
 from .run import Event, Run
-from .stages import Stage, freeze_for_stage, make_optimizer, make_scheduler, set_train_mode
+from .stages import Stage, freeze_for_stage, make_optimizer, make_scheduler
 from .task import Task, load_task
-from .world import check_world, count_steps, data_record, load_for_training
+from .world import check_world, count_steps, data_record, load_for_training, with_drop_path
 
 _logger = logging.getLogger(__name__)
 
@@ -72,15 +69,26 @@ def finetune(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *,
 
 def resume(run_dir: str | Path, *, on_event: Event | None = None,
            data: str | None = None, strict: bool | None = None,
-           skip_nonfinite: int | None = None) -> RunResult:
-    """Continue an interrupted run from its train state, with its own recipe and config
-    (``data``, ``strict`` and ``skip_nonfinite`` may be changed)."""
+           skip_nonfinite: int | None = None, epochs: int | None = None,
+           fixed: Iterable[str] = ()) -> RunResult:
+    """Continue an interrupted (or extend a finished) run from its train state, with its
+    own recipe and config. ``data``, ``strict`` and ``skip_nonfinite`` may be changed;
+    ``epochs`` extends the stages not yet finished (``extend.py``). ``fixed``: options
+    the caller was given that the run's record fixes, refused by name."""
+    from .extend import extend_run, fit_scheduler, refuse_fixed, steps_per_epoch
+
     run_dir = Path(run_dir)
+    refuse_fixed(fixed, run_dir / "run.json")
     overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
     with lock.hold(run_dir, create=False):  # a live run of this folder is never touched
         state = read_state(run_dir)
+        if epochs is not None:
+            extend_run(run_dir, state, epochs)
         config, recipe, source = read_run_info(run_dir, overrides)
+        fit_scheduler(state, recipe, steps_per_epoch(run_dir))
         meta = CheckpointMeta.from_json(state["meta"], run_dir / STATE_FILE)
+        if epochs is not None:
+            meta = meta.with_event("extend", epochs=epochs, recipe=recipe.to_dict())
         return run_recipe(rebuild(meta), meta, recipe, config, on_event or log_event, state=state,
                           source=source)
 
@@ -93,12 +101,16 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
     started = time.perf_counter()
     device = distributed.device_for(config.device)
     ctx = distributed.init(device)
+    chosen = machine.choose(device.type, threads=config.threads, workers=config.workers)
+    machine.apply(chosen)
+    if ctx.is_main:
+        on_event("machine", {"line": chosen.line(), **chosen.to_dict()})
     if config.batch_size % ctx.world_size:
         raise UserError(f"--batch-size {config.batch_size} (global) must divide evenly "
                         f"among {ctx.world_size} processes")
     check_fault_spec()
     seed_everything(config.seed)
-    task = load_task(config.task)
+    task = load_task(config.task, config)
 
     # Data: the checkpoint's input size and normalisation, through timm.
     from .loaders import resolve_data_config
@@ -110,6 +122,8 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
     # Model: a new head when the data has another class count, seeded. A new head
     # is random: gates stages then train it too.
     if state is None:
+        if config.drop_path:  # stochastic depth exists only if timm builds the model with it
+            model, meta = with_drop_path(model, meta, config.drop_path)
         replaced = _adapt_head(model, meta, config, task)
         if replaced is not meta:
             meta = replaced
@@ -125,9 +139,11 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
         task.check_model(model)
     set_gate_impl(model, config.impl)
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
 
     run = Run(config, recipe, Path(config.out), model, meta, task, train_set, val_set,
-              device, ctx, on_event)
+              device, ctx, on_event, machine=chosen)
     run.progress.data_report = scan_data_report(train_set, val_set)
     if config.strict:
         from .images import check_strict
@@ -136,7 +152,7 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
     if config.ema:  # one clock over every stage, warmed up, a window that suits the run
         from timm.utils import ModelEmaV3
 
-        total = _steps_per_epoch(run) * sum(s.epochs for s in recipe.stages)
+        total = sum(_steps_per_epoch(run, s) * s.epochs for s in recipe.stages)
         run.ema = ModelEmaV3(model, decay=ema_decay_for(config, total), use_warmup=True,
                              warmup_power=0.75)
     if state is not None:
@@ -146,8 +162,9 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
     else:
         if ctx.is_main:
             write_run_info(run.run_dir, source=source, config=config, recipe=recipe, world_size=ctx.world_size,
-                           data=data_record(task, train_set, val_set, config, ctx.world_size))
-        _epoch_zero(run)
+                           data=data_record(task, train_set, val_set, config, ctx.world_size),
+                           machine=chosen.to_dict())
+        epoch_zero(run)
 
     with StopFlag(run.run_dir) as stop:
         run.stop = stop
@@ -205,7 +222,7 @@ def run_stage(run: Run, stage: Stage) -> None:
         seed_everything(cfg.seed * 100 + progress.stage_index + 1)
     trainable = freeze_for_stage(model, stage, allow_empty=cfg.arm != "gct")
     progress.trainable_max = max(progress.trainable_max, trainable)
-    steps_per_epoch = _steps_per_epoch(run)
+    steps_per_epoch = _steps_per_epoch(run, stage)
     if trainable == 0:  # a control's gates stage: nothing can change, the rows repeat
         run.emit("stage_start", stage=stage.name, kind=stage.kind, epochs=stage.epochs,
                  steps_per_epoch=0, trainable=0, epoch=progress.epoch, step=0)
@@ -234,8 +251,8 @@ def run_stage(run: Run, stage: Stage) -> None:
 
     from .loaders import make_loader
 
-    loader = make_loader(run.train_set, run.per_rank_batch, training=True, seed=cfg.seed,
-                         workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size,
+    loader = make_loader(run.train_set, run.per_rank_batch * stage.grad_accum, training=True, seed=cfg.seed,
+                         workers=run.machine.workers, rank=run.dist.rank, world_size=run.dist.world_size,
                          pin_memory=run.device.type == "cuda", report=progress.data_report,
                          strict=cfg.strict, on_bad=lambda p, r: run.emit("bad_file", path=p, reason=r))
     run.emit("stage_start", stage=stage.name, kind=stage.kind, epochs=stage.epochs,
@@ -251,11 +268,15 @@ def run_stage(run: Run, stage: Stage) -> None:
     _finish_stage(run, stage, trainable)
 
 
-def _steps_per_epoch(run: Run) -> int:
-    steps = count_steps(len(run.train_set), run.config.batch_size, run.dist.world_size)
+def _steps_per_epoch(run: Run, stage: Stage) -> int:
+    """Optimizer updates per epoch (one per ``grad_accum`` batches)."""
+    steps = count_steps(len(run.train_set), run.config.batch_size, run.dist.world_size,
+                        stage.grad_accum)
     if steps == 0:
+        accum = f" x --grad-accum {stage.grad_accum}" if stage.grad_accum > 1 else ""
         raise UserError(f"the train split has {len(run.train_set)} samples, fewer than one "
-                        f"global batch of {run.config.batch_size}; lower --batch-size")
+                        f"global batch of {run.config.batch_size}{accum} (stage {stage.name!r}); "
+                        f"lower --batch-size{' or --grad-accum' if accum else ''}")
     return steps
 
 
@@ -272,155 +293,6 @@ def _finish_stage(run: Run, stage: Stage, trainable: int) -> None:
     run.meta = run.meta.with_event("finetune", stage=stage.to_dict(), epochs=stage.epochs,
                                    best=progress.best, last=progress.rows[-1] if progress.rows else None)
     run.emit("stage_end", stage=stage.name, summary=summary)
-
-
-# --- one epoch ----------------------------------------------------------------------
-
-def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, optimizer,
-                    scheduler, scaler, steps_per_epoch: int) -> None:
-    from .loaders import start_epoch
-
-    cfg, device, progress = run.config, run.device, run.progress
-    epoch_index = sum(s.epochs for s in run.recipe.stages[:progress.stage_index]) + progress.epoch
-    start_epoch(loader, epoch_index, skip_batches=progress.step_in_epoch)
-    set_train_mode(run.model, stage)
-    t0 = time.perf_counter()
-    for x, y in loader:
-        x, y = to_device(x, device), to_device(y, device)
-        with autocast(device, cfg.amp):
-            loss = run.task.loss(train_model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_value = loss.item()  # the step's one host sync, after backward is queued
-        skip = distributed.broadcast_flag(not math.isfinite(loss_value))
-        if skip:  # no update from this batch; raises once the allowance is spent
-            nonfinite_loss(run, stage, loss_value, steps_per_epoch)
-        elif scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        progress.last_lr, progress.last_base_lr = _lrs(optimizer)  # what this update used
-        progress.stage_step += 1
-        progress.step_in_epoch += 1
-        scheduler.step_update(progress.stage_step)
-        n = batch_size_of(run.task, y)
-        if not skip:
-            progress.global_step += 1
-            if run.ema is not None:
-                run.ema.update(run.model, step=progress.global_step)
-            progress.epoch_sums.loss_sum += loss_value * n
-            progress.epoch_sums.samples += n
-        run.emit("step", stage=stage.name, epoch=progress.epoch, step=progress.step_in_epoch,
-                 steps=steps_per_epoch, loss=loss_value, lr=progress.last_lr, images=n)
-        saved = False
-        if (cfg.save_every and progress.step_in_epoch % cfg.save_every == 0
-                and progress.step_in_epoch < steps_per_epoch):
-            progress.epoch_sums.seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            save_state(run, optimizer, scheduler, scaler)
-            saved = True
-        fault_hook("after_step")
-        if run.stop is not None and distributed.broadcast_flag(run.stop.requested):
-            progress.epoch_sums.seconds += time.perf_counter() - t0
-            if not saved:
-                save_state(run, optimizer, scheduler, scaler)
-            stop_run(run, stage)
-    progress.epoch_sums.seconds += time.perf_counter() - t0
-
-
-def _epoch_zero(run: Run) -> None:
-    """Row 0: the model as it came, before any training, so every later row (and the
-    control's) reads against it."""
-    metrics = _validate(run, run.model)
-    run.progress.val_samples = int(metrics["samples"])
-    row = _row(run, 0, "start", metrics, train_loss=float("nan"), lrs=(float("nan"),) * 2,
-               seconds=0.0, images=0)
-    run.progress.add_row(row, run.task.primary_metric, run.task.higher_is_better, eligible=False)
-    if run.dist.is_main:
-        with writing(run.run_dir / f"metrics.{run.config.metrics_format}", run.resume_hint):
-            write_metrics(run.run_dir, run.progress.rows, run.config.metrics_format)
-    run.emit("epoch_end", row=row, improved=False)
-
-
-def _validate(run: Run, model: nn.Module) -> dict:
-    return evaluate(model, run.val_set, run.task, run.device, amp=run.config.amp,
-                    batch_size=run.per_rank_batch, workers=run.config.workers, ctx=run.dist,
-                    report=run.progress.data_report, strict=run.config.strict)
-
-
-def _row(run: Run, epoch: int, stage: str, metrics: dict, *, train_loss: float,
-         lrs: tuple[float, float], seconds: float, images: float) -> dict:
-    """One line of metrics.csv. ``lr`` is the stage's own learning rate (the gates', or a
-    trained head's), ``base_lr`` the base weights' (nan while they are frozen), so the
-    rows of a GCT run and of its control read column by column."""
-    return {"epoch": epoch, "stage": stage, "train_loss": train_loss, "val_loss": metrics["loss"],
-            **{k: metrics[k] for k in run.task.metric_names}, "lr": lrs[0], "base_lr": lrs[1],
-            "seconds": round(seconds, 3),
-            "images_per_s": round(images / seconds, 1) if seconds > 0 else float("nan")}
-
-
-def _lrs(optimizer) -> tuple[float, float]:
-    """The stage's and the base weights' learning rates (stages.param_groups names them)."""
-    lrs = {g.get("name"): g["lr"] for g in optimizer.param_groups}
-    own = next((lrs[k] for k in ("gate_beta", "gate_alpha_gamma", "head_decay", "head_no_decay")
-                if k in lrs), float("nan"))
-    return own, lrs.get("base_decay", lrs.get("base_no_decay", float("nan")))
-
-
-def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler, *, unchanged: bool = False) -> None:
-    """Validate, record the row, write last/best/metrics, then the train state.
-    ``unchanged``: nothing trained (a control's gates stage), so the last row's metrics
-    still hold and are not measured again."""
-    progress = run.progress
-    bad = nonfinite_weight(run.model)
-    if bad is not None:  # a finite loss whose update overflowed: never save such weights
-        raise NonFiniteLossError(
-            f"the weights became non-finite in stage {stage.name!r}, epoch {progress.epoch + 1} "
-            f"(first: {bad}); nothing of this epoch was written, {run.run_dir} holds the last "
-            "good save. Lower the learning rate")
-    eval_model = run.ema.module if run.ema is not None else run.model
-    if unchanged:
-        last = progress.rows[-1]
-        metrics = {"loss": last["val_loss"], **{k: last[k] for k in run.task.metric_names}}
-    else:
-        metrics = _validate(run, eval_model)
-    sums = progress.epoch_sums
-    loss_sum, n = distributed.all_reduce_sum(
-        torch.tensor([sums.loss_sum, sums.samples], dtype=torch.float64)).tolist()
-    row = _row(run, progress.rows[-1]["epoch"] + 1, stage.name, metrics,
-               train_loss=loss_sum / n if n else float("nan"),
-               lrs=(float("nan"),) * 2 if unchanged else (progress.last_lr, progress.last_base_lr),
-               seconds=sums.seconds, images=n)
-    improved = progress.add_row(row, run.task.primary_metric, run.task.higher_is_better)
-    progress.finish_epoch()
-    if run.dist.is_main:
-        meta = run.meta.with_event("finetune", stage=stage.to_dict(), epochs_completed=progress.epoch,
-                                   metrics=row)
-        hint = run.resume_hint
-        files = [("last.safetensors", run.model)]
-        if run.ema is not None:  # the average that was validated, beside the raw weights
-            files.append(("ema.safetensors", eval_model))
-        if improved:
-            files.append(("best.safetensors", eval_model))
-        for name, model in files:
-            with writing(run.run_dir / name, hint):
-                save(model, run.run_dir / name, meta)
-        with writing(run.run_dir / f"metrics.{run.config.metrics_format}", hint):
-            write_metrics(run.run_dir, progress.rows, run.config.metrics_format)
-    save_state(run, optimizer, scheduler, scaler)
-    run.emit("epoch_end", row=row, improved=improved)
-    if run.stop is not None and distributed.broadcast_flag(run.stop.requested):
-        stop_run(run, stage)  # a signal during validation or the saves: the state is on disk
-
-
-def save_state(run: Run, optimizer, scheduler, scaler) -> None:
-    """The train state (``progress.write_state``), rank 0 only."""
-    if run.dist.is_main:
-        write_state(run.run_dir, run.progress, run.recipe.stages[run.progress.stage_index].name,
-                    meta_json=run.meta.to_json(), model=run.model, optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler,
-                    ema_model=run.ema.module if run.ema is not None else None, hint=run.resume_hint)
 
 
 # --- the end of a run ---------------------------------------------------------------
@@ -444,4 +316,4 @@ def _result(run: Run, seconds: float) -> RunResult:
                      metric_names=tuple(run.task.metric_names),
                      primary_metric=run.task.primary_metric,
                      higher_is_better=bool(run.task.higher_is_better), stages=progress.stages,
-                     val_samples=progress.val_samples)
+                     val_samples=progress.val_samples, machine=run.machine.to_dict())

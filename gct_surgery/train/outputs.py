@@ -72,7 +72,7 @@ def _mark_stages(axes, rows: list[dict]) -> None:
 
 
 def write_run_info(run_dir: Path, *, source: str, config: TrainConfig, recipe: Recipe,
-                   world_size: int, data: dict | None = None) -> None:
+                   world_size: int, data: dict | None = None, machine: dict | None = None) -> None:
     """run.json (checkpoint, config, recipe: what ``resume`` rebuilds the run from, and
     what the data was: ``world.data_record``) and recipe.json (the recipe alone, to
     read or reuse)."""
@@ -81,13 +81,16 @@ def write_run_info(run_dir: Path, *, source: str, config: TrainConfig, recipe: R
             "world_size": world_size}
     if data is not None:
         info["data"] = data
+    if machine is not None:  # what this start chose (threads, workers); a resume chooses again
+        info["machine"] = machine
     with writing(run_dir / "run.json"):
         atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
     with writing(run_dir / "recipe.json"):
         atomic_write_text(run_dir / "recipe.json", recipe.to_json() + "\n")
 
 
-RUN_INFO = {"checkpoint": str, "config": dict, "recipe": dict, "world_size": int, "data": dict}
+RUN_INFO = {"checkpoint": str, "config": dict, "recipe": dict, "world_size": int, "data": dict,
+            "machine": dict, "history": list}
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
 
 
@@ -137,6 +140,25 @@ def read_run_info(run_dir: Path, overrides: dict) -> tuple[TrainConfig, Recipe, 
     except UserError as e:
         raise _damaged_json(path, str(e)) from None
     return config, recipe, info["checkpoint"]
+
+
+def record_extension(path: Path, recipe: Recipe, *, epochs: int, config_changes: dict | None = None) -> None:
+    """run.json (or a comparison's plan) at ``path`` takes the extended ``recipe`` (what
+    every later resume reads) and a ``history`` entry saying the run was extended; a
+    run's recipe.json follows."""
+    import time
+
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["history"] = [*doc.get("history", []), {
+        "event": "extended", "epochs": epochs, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stages": {s.name: s.epochs for s in recipe.stages}}]
+    doc["recipe"] = recipe.to_dict()
+    doc["config"] = {**doc["config"], **(config_changes or {})}
+    with writing(path):
+        atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    if path.name == "run.json":
+        with writing(path.parent / "recipe.json"):
+            atomic_write_text(path.parent / "recipe.json", recipe.to_json() + "\n")
 
 
 def _check_config(path: Path, config: dict) -> None:
@@ -197,7 +219,8 @@ def write_comparison(comparison) -> tuple[Path, Path]:
 
 COMPARISON_PLAN = "comparison-run.json"  # what a comparison was asked: resumable as one unit
 ARM_RESULT = "result.json"                # a finished arm of a comparison
-PLAN_FIELDS = {"checkpoint": str, "recipe": dict, "config": dict, "seeds": int, "plain": bool}
+PLAN_FIELDS = {"checkpoint": str, "recipe": dict, "config": dict, "seeds": int, "plain": bool,
+               "history": list}
 
 
 def write_comparison_plan(out: Path, *, checkpoint: str, recipe: Recipe, config: TrainConfig,
@@ -213,7 +236,7 @@ def write_comparison_plan(out: Path, *, checkpoint: str, recipe: Recipe, config:
 def read_comparison_plan(out: Path) -> tuple[str, Recipe, TrainConfig, int, bool]:
     """The plan ``write_comparison_plan`` wrote, validated like run.json."""
     path = Path(out) / COMPARISON_PLAN
-    doc = read_json_doc(path, PLAN_FIELDS, tuple(PLAN_FIELDS))
+    doc = read_json_doc(path, PLAN_FIELDS, tuple(k for k in PLAN_FIELDS if k != "history"))
     _check_config(path, doc["config"])
     try:
         config = TrainConfig(**{**doc["config"], "out": str(out)})

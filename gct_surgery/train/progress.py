@@ -42,7 +42,8 @@ class Progress:
 
     stage_index: int = 0
     epoch: int = 0                 # within the stage: the epoch in progress
-    step_in_epoch: int = 0         # completed steps of that epoch
+    step_in_epoch: int = 0         # completed steps of that epoch (a step: one update, of
+                                   # grad_accum loader micro-batches; world.count_steps)
     stage_step: int = 0            # completed updates in the stage (the scheduler's clock)
     epoch_sums: EpochSums = field(default_factory=EpochSums)
     rows: list[dict] = field(default_factory=list)  # one per completed epoch, as in metrics.csv

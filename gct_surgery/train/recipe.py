@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,7 @@ def recipe_from_dict(doc: Any, *, source: str = "recipe") -> Recipe:
         _check_keys(entry, allowed, where)
         merged = {**defaults, **entry}
         merged.setdefault("name", merged.get("kind", f"stage{i}"))
+        _read_numbers(merged, where)
         if "kind" not in merged:
             raise RecipeError(f"{where} ({merged['name']!r}) has no kind; use kind = \"gates\", \"head\" or \"full\"")
         if merged["name"] in names:
@@ -120,6 +121,18 @@ def recipe_from_dict(doc: Any, *, source: str = "recipe") -> Recipe:
         except TypeError as e:
             raise RecipeError(f"{where}: {e}") from None
     return Recipe(tuple(stages), source)
+
+
+def _read_numbers(entry: dict, where: str) -> None:
+    """A float field written as text (YAML 1.1 reads ``lr: 1e-3`` as the string "1e-3")
+    becomes the number; text that is not a number is refused naming the key."""
+    for key in (f.name for f in fields(Stage) if "float" in str(f.type)):
+        value = entry.get(key)
+        if isinstance(value, str):
+            try:
+                entry[key] = float(value)
+            except ValueError:
+                raise RecipeError(f"{where}: {key} must be a number, got {value!r}") from None
 
 
 def _check_keys(d: dict, allowed: set[str], where: str) -> None:

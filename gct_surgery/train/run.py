@@ -39,6 +39,7 @@ class Run:
     stop: StopFlag | None = None
     progress: Progress = field(default_factory=Progress)
     resume_from: dict | None = None  # the train state resumed from: its stage's optimizer...
+    machine: Any = None            # machine.MachineChoice: threads and loader workers
 
     @property
     def resume_hint(self) -> str:

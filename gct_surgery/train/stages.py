@@ -67,6 +67,13 @@ class Stage:
     warmup: float = 0.1               # fraction of the stage's steps spent warming up
     min_lr: float = 0.0
     keep_frozen: tuple[str, ...] = ()  # regexes on parameter names that never train
+    # timm's fine-tuning knobs, all off by default (docs/finetuning.md, "Training knobs")
+    smoothing: float = 0.0            # label smoothing (folded into mixup's targets when mixing)
+    mixup: float = 0.0                # timm Mixup alpha (0: off)
+    cutmix: float = 0.0               # timm CutMix alpha (0: off)
+    clip_grad: float | None = None    # clip the gradient norm to this (None: off)
+    grad_accum: int = 1               # micro-batches of --batch-size per optimizer step
+    layer_decay: float | None = None  # layer-wise lr decay factor (None: off)
 
     def __post_init__(self) -> None:
         patterns = (self.keep_frozen,) if isinstance(self.keep_frozen, str) else self.keep_frozen
@@ -91,6 +98,21 @@ class Stage:
                 raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
         if self.base_lr is not None and (not isinstance(self.base_lr, (int, float)) or self.base_lr < 0):
             raise UserError(f"stage {self.name!r}: base_lr must be a number >= 0, got {self.base_lr!r}")
+        for key in ("smoothing", "mixup", "cutmix"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
+        if self.smoothing >= 1:
+            raise UserError(f"stage {self.name!r}: smoothing is a fraction, 0 <= smoothing < 1, "
+                            f"got {self.smoothing!r}")
+        if self.clip_grad is not None and not _positive(self.clip_grad):
+            raise UserError(f"stage {self.name!r}: clip_grad is a gradient norm > 0, got {self.clip_grad!r}")
+        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
+            raise UserError(f"stage {self.name!r}: grad_accum must be a whole number >= 1, "
+                            f"got {self.grad_accum!r}")
+        if self.layer_decay is not None and not (_positive(self.layer_decay) and self.layer_decay <= 1):
+            raise UserError(f"stage {self.name!r}: layer_decay is a factor, 0 < layer_decay <= 1 "
+                            f"(e.g. 0.75), got {self.layer_decay!r}")
         if not 0 <= self.warmup < 1:
             raise UserError(f"stage {self.name!r}: warmup is a fraction of the stage, "
                             f"0 <= warmup < 1, got {self.warmup!r}")
@@ -113,6 +135,10 @@ class Stage:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 # --- which parameters are which -----------------------------------------------------
@@ -207,9 +233,9 @@ def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = Fals
         raise UserError(f"stage {stage.name!r} has nothing to train: the model has no classifier "
                         "head (no Linear layer); use a 'gates' or 'full' stage")
     if n == 0:
-        raise UserError(f"stage {stage.name!r} has nothing to train: the model has no gates "
-                        "(train_head or a 'full' stage would give it something), or all of "
-                        "it is frozen")
+        raise UserError(f"stage {stage.name!r} has nothing to train: the model has no gates, or "
+                        "all of it is frozen; add gates with `gct-surgery inject MODEL`, or pass "
+                        "--train-head, or use a 'full' stage (--stage full)")
     return n
 
 
@@ -290,6 +316,23 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
         g["params"] = [p for p in g["params"] if p.requires_grad]
         if g["params"]:
             out.append({"name": name, **g})
+    return out if stage.layer_decay is None else _by_layer(model, out, stage.layer_decay)
+
+
+def _by_layer(model: nn.Module, groups: list[dict], decay: float) -> list[dict]:
+    """Each group split by layer, with the layer's ``lr_scale`` (layer_decay.py); within
+    a name, the last group is the top layer (scale 1), whose lr the metrics report."""
+    from .layer_decay import layer_scales
+
+    scale_of = layer_scales(model, decay)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in groups:
+        by_scale: dict[float, list] = {}
+        for p in g["params"]:
+            by_scale.setdefault(scale_of[name_of[id(p)]], []).append(p)
+        for scale in sorted(by_scale):
+            out.append({**g, "params": by_scale[scale], "lr_scale": scale})
     return out
 
 
@@ -309,8 +352,14 @@ def make_scheduler(optimizer, stage: Stage, steps_per_epoch: int):
     """timm's scheduler stepped per update: linear warm-up, then cosine (by default)."""
     from timm.scheduler import create_scheduler_v2
 
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=stage.sched, num_epochs=stage.epochs,
-        warmup_epochs=stage.warmup * stage.epochs, warmup_lr=1e-6 if stage.warmup else 0.0,
-        min_lr=stage.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=stage.sched, num_epochs=stage.epochs,
+            warmup_epochs=stage.warmup * stage.epochs, warmup_lr=1e-6 if stage.warmup else 0.0,
+            min_lr=stage.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    except ValueError:
+        scheduler = None
+    if scheduler is None:  # an unknown name, or 'none'
+        raise UserError(f"stage {stage.name!r}: unknown scheduler {stage.sched!r}; use one of "
+                        "cosine, tanh, step, multistep, constant, poly, wsd (--sched)")
     return scheduler

@@ -30,7 +30,8 @@ holds the checkpoint's recorded preprocessing (mean, std...). A task file import
 its own folder on the import path, so it may import the modules beside it.
 docs/finetuning.md has examples for sigmoid outputs, side outputs and segmentation. Optional: ``check_model(model)`` (raise a ``UserError`` when the model does
 not fit the data), ``class_names`` (stored in the checkpoint), ``batch_size(target)``
-(samples in a batch; default ``len(target)``).
+(samples in a batch; default ``len(target)``), ``soft_targets = True`` (its loss also
+takes (N, classes) probabilities, so ``--mixup``/``--cutmix``/``--smoothing`` may apply).
 
 Optional, for ``gct-surgery eval``'s table: ``breakdown_sums(output, target)`` returns
 fixed-shape tensors (per-class counts, say) that evaluation sums over batches and
@@ -91,17 +92,21 @@ class ClassificationTask:
     breakdown_name = "per_class"
     breakdown_title = "per-class accuracy"
 
-    def __init__(self) -> None:
+    def __init__(self, options: Any = None) -> None:
         self.class_names: list[str] | None = None
+        self.options = options  # layouts.DataOptions: held-out share, class map, augmentation
         self._loss = nn.CrossEntropyLoss()
 
     def datasets(self, data_dir: Path, data_config: dict, *, augment: bool) -> tuple[Dataset, Dataset]:
-        from .images import open_split
+        from .layouts import DataOptions, open_datasets
         from .loaders import create_transform
 
-        train = open_split(data_dir, "train", transform=create_transform(data_config, training=True, augment=augment))
-        val = open_split(data_dir, "val", transform=create_transform(data_config, training=False),
-                         class_to_idx=train.class_to_idx)
+        options = self.options or DataOptions()
+        train, val = open_datasets(
+            data_dir, options, channels=data_config["input_size"][0],
+            train_transform=create_transform(data_config, training=True, augment=augment,
+                                             **options.augmentation()),
+            val_transform=create_transform(data_config, training=False))
         self.class_names = train.classes
         return train, val
 
@@ -112,7 +117,13 @@ class ClassificationTask:
                             f"{n_out} (layer {classifier_name(model)!r}); pass --num-classes "
                             f"{len(self.class_names)} to replace the head")
 
+    soft_targets = True  # loss takes mixup's (N, classes) probabilities too (regularize.py)
+
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 2 and target.is_floating_point():  # mixed, smoothed targets
+            from timm.loss import SoftTargetCrossEntropy
+
+            return SoftTargetCrossEntropy()(logits(output), target)
         return self._loss(logits(output), target)
 
     def metric_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -148,10 +159,13 @@ def logits(output: Any) -> torch.Tensor:
     return output.float()
 
 
-def load_task(spec: str | None) -> Task:
-    """The task a ``--task`` string names; None is image classification."""
+def load_task(spec: str | None, config: Any = None) -> Task:
+    """The task a ``--task`` string names; None is image classification, reading the
+    data as ``config`` (a ``TrainConfig``) asks: layout choices, augmentation."""
     if spec is None or spec == "classification":
-        return ClassificationTask()
+        from .layouts import DataOptions
+
+        return ClassificationTask(DataOptions.from_config(config))
     ref, sep, attr = spec.rpartition(":")
     if not sep or not ref or not attr:
         raise TaskError(f"--task {spec!r}: write module:object or path/to/file.py:object")

@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
 from ..io.metadata import CheckpointMeta
 from .config import TrainConfig
@@ -44,9 +45,34 @@ def load_for_training(checkpoint: str | Path):
     return loaded
 
 
-def count_steps(samples: int, batch_size: int, world_size: int) -> int:
-    """Updates per epoch: each rank takes whole batches of its share of the samples."""
-    return samples // world_size // max(batch_size // world_size, 1)
+def count_steps(samples: int, batch_size: int, world_size: int, grad_accum: int = 1) -> int:
+    """Updates per epoch: each rank takes whole batches of its share of the samples, and
+    one update takes ``grad_accum`` of them (the loader batches ``grad_accum`` x its
+    batch, so a step is one loader batch and a resume skips whole updates). Equal to
+    the unaccumulated count // ``grad_accum``, since the batch divides among the ranks."""
+    return samples // world_size // max(batch_size // world_size, 1) // grad_accum
+
+
+def with_drop_path(model: nn.Module, meta: CheckpointMeta, rate: float) -> tuple[nn.Module, CheckpointMeta]:
+    """The model rebuilt by timm with ``drop_path_rate=rate``, holding the same weights,
+    and the record that says so (a timm model built without it has no DropPath to turn
+    on). The source's kwargs carry the rate, so a resume or a reload rebuilds the same."""
+    import copy
+    from dataclasses import replace
+
+    from ..io.checkpoint import rebuild
+
+    spec = str(meta.source.get("spec", ""))
+    if not spec.startswith("timm:"):
+        raise UserError(f"--drop-path needs a timm model (it is set when timm builds one), and "
+                        f"this checkpoint's model comes from {spec or 'an unrecorded source'}; "
+                        "run without --drop-path")
+    source = copy.deepcopy(meta.source)
+    source.setdefault("kwargs", {})["drop_path_rate"] = rate
+    meta = replace(meta, source=source)
+    rebuilt = rebuild(meta)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt, meta.with_event("drop_path", rate=rate)
 
 
 def data_record(task: Any, train_set: Any, val_set: Any, config: TrainConfig, world_size: int) -> dict:
@@ -59,6 +85,10 @@ def data_record(task: Any, train_set: Any, val_set: Any, config: TrainConfig, wo
               if callable(getattr(ds, "fingerprint", None))}
     if prints:
         record["fingerprint"] = prints
+    if config.val_split:  # val is this share of train, held out per class (train/layouts.py)
+        record["val_split"] = {"fraction": config.val_split, "seed": config.seed}
+    if config.class_map:
+        record["class_map"] = config.class_map
     return record
 
 
@@ -74,7 +104,7 @@ def check_world(state: dict | None, meta: CheckpointMeta, model: nn.Module, reci
     _check_classes(recorded.get("class_names") or meta.data.get("class_names"),
                    now["class_names"], config.data, run_dir)
     _warn_data_changes(recorded, now, config.data)
-    spe = recorded.get("steps_per_epoch") or now["steps_per_epoch"]
+    spe = recorded.get("steps_per_epoch") or now["steps_per_epoch"]  # of unaccumulated batches
     _check_position(state, recipe, spe, run_dir / STATE_FILE)
     path = run_dir / STATE_FILE
     _check_tensors(state["model"], model, path, "model")
@@ -124,6 +154,7 @@ def _check_position(state: dict, recipe: Recipe, spe: int, path: Path) -> None:
     i, epoch, step = state["stage_index"], state["epoch"], state["step_in_epoch"]
     if i >= len(stages):
         raise damaged(path, f"stage_index {i}, but the recipe has {len(stages)} stage(s)")
+    spe //= stages[i].grad_accum  # the stage's updates per epoch (count_steps)
     if epoch > stages[i].epochs:
         raise damaged(path, f"epoch {epoch}, but stage {stages[i].name!r} has {stages[i].epochs}")
     if step > spe or (epoch == stages[i].epochs and step):  # a stop after an epoch's last step: spe
