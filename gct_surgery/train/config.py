@@ -45,7 +45,7 @@ class TrainConfig:
     metrics_format: str = "csv"     # csv | jsonl
     strict: bool = False            # stop at the first unreadable image instead of skipping it
     skip_nonfinite: int = 0         # batches with a NaN/inf loss to skip before stopping
-    fast_frozen: bool = True        # gates stages: frozen.frozen_base (cheap frozen convs, BN folded)
+    fast_frozen: bool = False       # gates stages: frozen.frozen_base (opt-in; docs/performance.md)
     impl: str = "fast"              # gate implementation: fast (fused) or reference (official ops)
     arm: str = "gct"                # gct | control (gates removed) | plain: see compare.py
     channels_last: bool = False     # model and inputs in torch.channels_last
