@@ -294,6 +294,16 @@ class CtrlCTwice(ClassificationTask):
 '''
 
 
+def test_an_interrupted_json_run_exits_130_with_json_on_stdout(ckpt, data, tmp_path, cli):
+    """--json runs click without standalone mode: the Exit code must still reach the shell."""
+    task = tmp_path / "twice.py"
+    task.write_text(TWICE_TASK)
+    done = run_cli(cli, ["finetune", str(ckpt), "--data", str(data), "--out", str(tmp_path / "run"),
+                         *ARGS, "--task", f"{task}:CtrlCTwice", "--json"])
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert json.loads(done.stdout)["interrupted"] is True
+
+
 def test_a_second_ctrl_c_says_it_stopped_and_what_is_on_disk(ckpt, data, tmp_path, cli):
     task = tmp_path / "twice.py"
     task.write_text(TWICE_TASK)

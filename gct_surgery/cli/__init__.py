@@ -52,11 +52,10 @@ def run(argv: list[str] | None = None) -> int:
 
     try:
         # Under --json, click's usage errors come back here to be printed as JSON too.
-        _command().main(args=args, prog_name="gct-surgery", standalone_mode=not as_json)
+        # Without standalone mode click *returns* an Exit's code (130 after Ctrl-C...).
+        code = _command().main(args=args, prog_name="gct-surgery", standalone_mode=not as_json)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except typer.Exit as e:
-        return e.exit_code
     except typer.Abort:
         return fail("aborted", 1)
     except typer.TyperException as e:  # a usage error (click's, as Typer ships it)
@@ -70,7 +69,7 @@ def run(argv: list[str] | None = None) -> int:
                     "and the free space, then run the command again", 2)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _json_error(message: str, code: int) -> None:

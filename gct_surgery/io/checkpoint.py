@@ -30,7 +30,7 @@ from .metadata import (CROP_MODES, INTERPOLATIONS, METADATA_KEY, PREPROCESSING_K
 from .safetensors_file import dedupe_shared, read_header, read_tensors, restore_aliases, save_tensors, sniff
 from .source_rules import check_recorded_source, recordable
 from .sources import ModelSource, build_model, model_data_config, parse_source
-from .state_dicts import load_weights
+from .state_dicts import STATE_DICT_SUFFIXES, load_weights
 
 RECORD_ATTR = "_gct_record"  # the CheckpointMeta a model was loaded or saved with
 
@@ -72,7 +72,7 @@ def run_folder_hint(path: Path) -> str | None:
 
 
 RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors", "ema.safetensors")  # what a run writes
-_WEIGHTS_SUFFIXES = (".tar", ".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_WEIGHTS_SUFFIXES = (".tar", *STATE_DICT_SUFFIXES)
 
 
 def default_checkpoint_name(source: str) -> Path:

@@ -59,11 +59,11 @@ def read_weights_file(path: str | os.PathLike, *, use_ema: bool = False,
                               "drop --use-ema")
         return WeightsFile(read_tensors(path))
     obj = read_torch_file(path, allow_pickle=allow_pickle)
-    if isinstance(obj, nn.Module):
-        return WeightsFile(unwrap_state_dict(obj, path), trainer="pickled module")
     ema_key = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
     if use_ema and ema_key is None:
         raise SourceError(f"{path} holds no EMA weights (no {' or '.join(EMA_KEYS)}); drop --use-ema")
+    if isinstance(obj, nn.Module):
+        return WeightsFile(unwrap_state_dict(obj, path), trainer="pickled module")
     tensors = unwrap_state_dict(obj[ema_key] if use_ema else obj, path)
     if not isinstance(obj, dict):
         return WeightsFile(tensors)

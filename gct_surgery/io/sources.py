@@ -340,18 +340,16 @@ def model_data_config(model: nn.Module, kind: str | None = None) -> dict:
     2-D RGB torchvision model, torchvision's ImageNet preprocessing (bilinear, crop
     0.875); for anything else only an input size guessed from the first conv. No
     mean/std is made up here: a user's model was normalised as its author chose."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if cfg:
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if getattr(model, "pretrained_cfg", None):
         from timm.data import resolve_data_config
 
         resolved = resolve_data_config({}, model=model)
         data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
-        first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
         if first is not None and first.in_channels != data["input_size"][0]:
             data["input_size"] = [first.in_channels, *data["input_size"][1:]]  # timm keeps [3, ...]
             fit_channels(data, first.in_channels)
         return data
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     channels = first.in_channels if first is not None else 3
     dims = len(first.kernel_size) if first is not None else 2
     spatial = {1: [256], 2: [224, 224], 3: [8, 112, 112]}[dims]

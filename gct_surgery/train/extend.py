@@ -81,7 +81,7 @@ def extend_run(run_dir: Path, state: dict, epochs: int,
     changes = {}
     steps = steps_per_epoch(run_dir)
     if config.ema and config.ema_decay is None and steps:
-        changes["ema_decay"] = ema_decay_for(config, steps * before.total_epochs)
+        changes["ema_decay"] = ema_decay_for(config, sum(steps // s.grad_accum * s.epochs for s in before.stages))
     record_extension(Path(run_dir) / "run.json", after, epochs=epochs, config_changes=changes)
     return after
 
