@@ -23,7 +23,7 @@ from .io.foreign import classes_in, describe, load_file_weights, read_weights_fi
 from .io.metadata import METADATA_KEY, CheckpointMeta
 from .io.safetensors_file import is_safetensors, read_header
 from .io.source_rules import recordable
-from .io.sources import (ModelSource, build_model, model_data_config, not_an_architecture, parse_source,
+from .io.sources import (ModelSource, build_model, meant_architecture, model_data_config, not_an_architecture, parse_source,
                          resolve_timm_hub)
 
 
@@ -126,9 +126,8 @@ def _open_weights_file(path: Path, arch: str | None, num_classes: int | None,
 
 def _meant_timm(text: str) -> str:
     """``inject resnet18``: a bare model name, not a file."""
-    import timm
-
-    return f"; did you mean timm:{text}?" if timm.is_model(text.split(".")[0]) else ""
+    meant = meant_architecture(text)
+    return f"; did you mean {meant}?" if meant else ""
 
 
 def random_weights_warning(source: str) -> str:

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from ._app import app
-from ._output import info, print_json, print_kv, print_table
+from ._output import info, print_json, print_kv, print_table, warn
 
 SOURCE_HELP = ("timm:NAME, timm:hf-hub:ID, timm:local-dir:PATH, torchvision:NAME, path/to/file.py:factory, "
                "package.module:factory, or a checkpoint file (.safetensors/.pt/.pth/.bin/.ckpt; "
@@ -88,7 +88,6 @@ def inject(
                          pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                          use_ema=use_ema, allow_pickle=allow_pickle)
     model, meta = opened.model, opened.meta
-    from ._output import warn
 
     if dry_run:
         rows = plan(model, targets, gate, input_size=size or meta.data.get("input_size"))
@@ -134,8 +133,6 @@ def inject(
 def _tell(opened) -> None:
     """What the SOURCE held (an EMA, a prefix) and what is wrong with it (random
     weights): after the result, so that an error stays the one line it should be."""
-    from ._output import warn
-
     for note in opened.notes:
         info(note)
     for warning in opened.warnings:

@@ -130,18 +130,24 @@ def not_an_architecture(text: str) -> SourceError:
     if Path(text).is_file():
         return SourceError(f"{text!r} is a file, not an architecture: give --arch timm:NAME, "
                            "torchvision:NAME or path/to/file.py:factory")
-    import timm
-
-    if timm.is_model(text.split(".")[0]):
-        return SourceError(f"{text!r} is not a file; did you mean --arch timm:{text}?")
-    import torchvision
-
-    if text in torchvision.models.list_models():
-        return SourceError(f"{text!r} is not a file; did you mean --arch torchvision:{text}?")
+    meant = meant_architecture(text)
+    if meant:
+        return SourceError(f"{text!r} is not a file; did you mean --arch {meant}?")
     close = close_timm_names(text)
     hint = f" (close timm names: {', '.join(close)})" if close else ""
     return SourceError(f"{text!r} is neither a file nor an architecture{hint}; give --arch "
                        "timm:NAME, torchvision:NAME or path/to/file.py:factory")
+
+
+def meant_architecture(text: str) -> str | None:
+    """``timm:NAME`` or ``torchvision:NAME`` for a bare model name (``resnet18``), else None."""
+    import timm
+
+    if timm.is_model(text.split(".")[0]):
+        return f"timm:{text}"
+    import torchvision
+
+    return f"torchvision:{text}" if text in torchvision.models.list_models() else None
 
 
 def close_timm_names(name: str, n: int = 5) -> list[str]:
