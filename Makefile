@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/gct-surgery demo --out demo-out --force  # replaces an earlier demo only
+	HF_HUB_OFFLINE=1 $(BIN)/gct-surgery demo --out demo-out --force  # 3 seeds, ~2 min; --force: replaces an earlier demo only
 
 test: $(STAMP)  # two test processes: each test uses one torch thread (tests/conftest.py)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2

@@ -47,18 +47,24 @@ Subcommands, in order:
     installed CLI has no such stage kind), and a head-only reference.
 
 ``compare``
-    Phase 2, for the lead: for each chosen candidate, a recipe of its gates stage
-    (with its warm-up, if any) then a short full stage, run through
-    ``finetune --baseline --seeds N --json``; collects setting, gate movement and
-    the verdict (GCT minus control, paired by seed) into a markdown table and
-    ``OUT/compare.json``, with both arms' top-1 at the end of every stage (from
-    their metrics.csv). ``--dry-run`` prints the recipes and commands only.
-    The full stage keeps BN statistics frozen by default (``--full-bn frozen``):
-    measured here, a 1-epoch full stage that switches BN to batch statistics after
-    frozen-BN stages costs both arms 8-14 points, so a final-epoch verdict would
-    measure damage, not gates (``--full-bn update`` is recipes/default.toml's way).
-    Cost at 64 px on one core: about 2.5 min per seed and arm for a 2-epoch gates
-    stage and a 1-epoch full stage, so about 15 min per candidate at 3 seeds.
+    Phase 2 (issue 21's rerun): for each chosen candidate (default ``adamw-1e-2``, the
+    default recipe's gates stage), a recipe of its gates stage (with its warm-up, if any)
+    then a short full stage, run through ``finetune --baseline --control static --seeds
+    auto --max-seeds 6 --resolution 0.5 --json`` (``--seeds N`` for a fixed number). The
+    control is the same surgery with gamma held at 0, trained on the same steps. Collected
+    from the engine's JSON: the ``verdict`` fields (metric, difference, ci95, ci90, seeds,
+    conclusion, mde, resolution, method, stopping_rule, looks, text; the verdict pairs the
+    arms image by image at the final epoch) and, per seed and arm, the final and best top-1
+    and each stage's trainable_params, steps and max_abs_gamma; into a markdown table and
+    ``OUT/compare.json``. A comparison already in ``OUT/compare/runs/NAME`` is continued
+    (``finetune --resume``), never restarted; ``--finished-only`` trains nothing and gives
+    the verdict over the seeds that finished (``gct-surgery verdict``). ``--dry-run``
+    prints the recipes and commands only.
+    The full stage keeps BN statistics frozen by default (``--full-bn frozen``), as
+    recipes/default.toml now does: measured here, a 1-epoch full stage that switches BN to
+    batch statistics after frozen-BN stages costs both arms 8-14 points.
+    Cost at 64 px on one core: 2.5 to 5 min per seed and arm for a 2-epoch gates stage
+    and a 1-epoch full stage (more on a shared machine).
 
 ``selftest``
     Checks the parts that run without training: recipe writing and parsing through
@@ -76,7 +82,7 @@ retries, up to ``--retries`` times, and records that it did.
     python benchmarks/study_gates_stage.py speed --sizes 64 96 128
     python benchmarks/study_gates_stage.py movement --img-size 64 --epochs 2 \\
         --warmup-for adamw-1e-2 adamw-1e-3 sgd-1e-1
-    python benchmarks/study_gates_stage.py compare --candidates adamw-1e-3 adamw-1e-2 --seeds 3
+    python benchmarks/study_gates_stage.py compare --candidates adamw-1e-2 --seeds auto --max-seeds 6
 """
 from __future__ import annotations
 
@@ -825,39 +831,43 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+VERDICT_FIELDS = ("metric", "difference", "ci95", "ci90", "seeds", "conclusion", "mde", "resolution",
+                  "method", "stopping_rule", "looks", "text")
+STAGE_FIELDS = ("name", "trainable_params", "steps", "max_abs_gamma")
+
+
 def summarize_baseline_doc(doc: dict) -> dict:
-    """Numbers from ``finetune --baseline --seeds N --json``: the verdict; per seed, the
-    gate movement after each stage of the GCT run and both arms' metric at the end of
-    each stage (from their metrics.csv) and at the end (``final``, else ``best``)."""
+    """Numbers from ``finetune --baseline --json`` (or ``gct-surgery verdict OUT --json``):
+    the verdict's fields (``VERDICT_FIELDS``; ``alpha_look``, the share of the error rate
+    this look spent, names the interval's level when present), and per seed both arms'
+    metric at the final epoch (what the verdict pairs), their best, each arm's stages
+    (``STAGE_FIELDS``: what trained, for how many steps, how far gamma moved) and the arm's
+    metric at the end of each stage (from its metrics.csv)."""
     verdict = doc.get("verdict") or {}
     metric = verdict.get("metric") or doc.get("metric") or "top1"
-    runs = doc.get("runs") or []
     per_seed = []
-    for r in runs:
-        gct, control = r.get("gct") or {}, r.get("control") or {}
-        per_seed.append({
-            "seed": r.get("seed"),
-            "gct_final": _metric(gct.get("final") or gct.get("best"), metric),
-            "control_final": _metric(control.get("final") or control.get("best"), metric),
-            "gct_best": _metric(gct.get("best"), metric), "control_best": _metric(control.get("best"), metric),
-            "gct_stage_ends": stage_ends(gct.get("run_dir"), metric),
-            "control_stage_ends": stage_ends(control.get("run_dir"), metric),
-            "max_abs_gamma": {st.get("name"): st.get("max_abs_gamma") for st in gct.get("stages") or []},
-            "gates": {st.get("name"): st.get("gates") for st in gct.get("stages") or [] if st.get("gates")},
-        })
-    stage_names = list(dict.fromkeys(k for p in per_seed for k in p["max_abs_gamma"]))
-    ci = verdict.get("ci95")
-    return {
-        "metric": metric, "compared": doc.get("compared"), "difference": verdict.get("difference"),
-        "ci95": list(ci) if isinstance(ci, (list, tuple)) else ci, "seeds": verdict.get("seeds", len(runs)),
-        "differences": verdict.get("differences"), "text": verdict.get("text"),
-        "max_abs_gamma_mean": {st: _mean([p["max_abs_gamma"].get(st) for p in per_seed]) for st in stage_names},
-        "gct_stage_ends_mean": {st: _mean([p["gct_stage_ends"].get(st) for p in per_seed]) for st in stage_names},
-        "control_stage_ends_mean": {st: _mean([p["control_stage_ends"].get(st) for p in per_seed])
-                                    for st in stage_names},
-        "gct_final_mean": _mean([p["gct_final"] for p in per_seed]),
-        "control_final_mean": _mean([p["control_final"] for p in per_seed]),
-        "per_seed": per_seed}
+    for r in doc.get("runs") or []:
+        row = {"seed": r.get("seed")}
+        for arm in ("gct", "control"):
+            run = r.get(arm) or {}
+            row[f"{arm}_final"] = _metric(run.get("final"), metric)
+            row[f"{arm}_best"] = _metric(run.get("best"), metric)
+            row[f"{arm}_seconds"] = run.get("seconds")
+            row[f"{arm}_stages"] = [{k: st.get(k) for k in (*STAGE_FIELDS, "trained")} for st in run.get("stages") or []]
+            row[f"{arm}_stage_ends"] = stage_ends(run.get("run_dir"), metric)
+        g, c = row["gct_final"], row["control_final"]
+        row["difference"] = g - c if isinstance(g, (int, float)) and isinstance(c, (int, float)) else None
+        per_seed.append(row)
+    summary = {k: verdict.get(k) for k in VERDICT_FIELDS}
+    summary.update(metric=metric, control=doc.get("control"), compared=doc.get("compared"),
+                   alpha_look=verdict.get("alpha_look"), images=verdict.get("images"),
+                   seeds_for_resolution=verdict.get("seeds_for_resolution"),
+                   more_images_needed=verdict.get("more_images_needed"),
+                   stopped=doc.get("stopped"), missing_seeds=doc.get("missing_seeds"),
+                   gct_final_mean=_mean([p["gct_final"] for p in per_seed]),
+                   control_final_mean=_mean([p["control_final"] for p in per_seed]),
+                   per_seed=per_seed)
+    return summary
 
 
 def _metric(row, key: str):
@@ -866,26 +876,92 @@ def _metric(row, key: str):
     return row.get(key, row.get("top1"))
 
 
+def _level(s: dict) -> str:
+    """The interval's level: 95% at one look, wider at an interim look of --seeds auto."""
+    return _pct(s.get("alpha_look"), "95%")
+
+
+def _pct(a, default: str) -> str:
+    """'95%' for a = 0.05, '99.9988%' for 1.17e-05: two significant digits of ``a``."""
+    if not isinstance(a, (int, float)) or not 0 < a < 1:
+        return default
+    d = max(0, 1 - math.floor(math.log10(100 * a)))
+    text = f"{100 * (1 - a):.{d}f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + "%"
+
+
+def _interval(ci) -> str:
+    return f"{ci[0]:+.2f} to {ci[1]:+.2f}" if isinstance(ci, (list, tuple)) and len(ci) == 2 and \
+        all(isinstance(x, (int, float)) for x in ci) else "-"
+
+
+def _stages_text(stages: list[dict]) -> str:
+    return "; ".join(f"{st['name']}: {fmt(st.get('trainable_params'), ',')} params, {fmt(st.get('steps'), ',')} steps, "
+                     f"max abs gamma {fmt(st.get('max_abs_gamma'))}" for st in stages) or "-"
+
+
 def compare_table(rows: list[dict]) -> str:
-    lines = ["| candidate | setting | max abs gamma after each stage | GCT / control after each stage | "
-             "GCT minus control (final) | 95% CI | seeds | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Per candidate: one line per seed (GCT and control at the final epoch, the difference),
+    then the verdict (difference, interval, MDE, conclusion, stopping rule) and what each arm
+    trained (seed 0; every seed alike)."""
+    out = []
     for r in rows:
+        out.append(f"### {r['name']}: {r['setting']}\n")
         if "summary" not in r:
-            lines.append(f"| {r['name']} | {r['setting']} | {r.get('error', 'not run')[:120]} | | | | | |")
+            out.append(f"not run: {r.get('error', '?')[:300]}\n")
             continue
         s = r["summary"]
-        moved = " / ".join(f"{k} {fmt(v)}" for k, v in s["max_abs_gamma_mean"].items()) or "-"
-        ends = "; ".join(f"{k} {fmt(s['gct_stage_ends_mean'].get(k), '.4g')} / "
-                         f"{fmt(s['control_stage_ends_mean'].get(k), '.4g')}" for k in s["max_abs_gamma_mean"])
-        ci = s.get("ci95")
-        ci_text = f"[{fmt(ci[0])}, {fmt(ci[1])}]" if isinstance(ci, list) and len(ci) == 2 else fmt(ci)
-        lines.append(f"| {r['name']} | {r['setting']} | {moved} | {ends or '-'} | {fmt(s.get('difference'))} "
-                     f"{s.get('metric') or ''} | {ci_text} | {s.get('seeds')} | {s.get('text') or '-'} |")
-    return "\n".join(lines)
+        m = s.get("metric") or "top1"
+        out += [f"| seed | GCT {m} | control {m} | GCT - control |", "|---|---|---|---|"]
+        for p in s["per_seed"]:
+            out.append(f"| {p['seed']} | {fmt(p['gct_final'], '.2f')} | {fmt(p['control_final'], '.2f')} | "
+                       f"{fmt(p['difference'], '+.2f')} |")
+        out.append(f"| mean | {fmt(s['gct_final_mean'], '.2f')} | {fmt(s['control_final_mean'], '.2f')} | "
+                   f"{fmt(s.get('difference'), '+.2f')} |")
+        ci90 = s.get("ci90")
+        level = _level(s)
+        level90 = _pct(2 * s["alpha_look"], "90%") if isinstance(s.get("alpha_look"), (int, float)) else "90%"
+        out += ["", "| | |", "|---|---|",
+                f"| difference (GCT - control) | {fmt(s.get('difference'), '+.2f')} {m} |",
+                f"| {level} interval (ci95) | {_interval(s.get('ci95'))} |",
+                f"| {level90} interval (ci90, for equivalence) | {_interval(ci90)} |",
+                f"| MDE (80% power) | {fmt(s.get('mde'), '.2f')} |",
+                f"| resolution | ±{fmt(s.get('resolution'))} |",
+                f"| conclusion | **{s.get('conclusion')}** |",
+                f"| seeds x images | {s.get('seeds')} x {fmt(s.get('images'), ',')} |",
+                f"| seeds for MDE = resolution | {fmt(s.get('seeds_for_resolution'))}"
+                f"{' (more images needed, not seeds)' if s.get('more_images_needed') else ''} |",
+                f"| stopping rule | {s.get('stopping_rule') or '-'}; looks {fmt(s.get('looks'))} |",
+                f"| stopped | {s.get('stopped') or '-'} |",
+                f"| method | {s.get('method') or '-'} |"]
+        if s.get("missing_seeds"):
+            out.append(f"| missing seeds | {', '.join(map(str, s['missing_seeds']))} |")
+        out += ["", f"verdict: {s.get('text')}", ""]
+        if s["per_seed"]:
+            p = s["per_seed"][0]
+            out += [f"what each arm trained (seed {p['seed']}):", "",
+                    "| arm | stage | trainable params | steps | max abs gamma at its end |", "|---|---|---|---|---|"]
+            for arm in ("gct", "control"):
+                for st in p[f"{arm}_stages"]:
+                    out.append(f"| {arm} | {st['name']} | {fmt(st.get('trainable_params'), ',')} | "
+                               f"{fmt(st.get('steps'), ',')} | {fmt(st.get('max_abs_gamma'))} |")
+            out.append("")
+    return "\n".join(out)
+
+
+def _resume_or_verdict(run_dir: Path, a, log: list) -> dict | None:
+    """A comparison already in RUN_DIR: ``--finished-only`` reads the verdict over its finished
+    seeds (``gct-surgery verdict``, nothing trains); otherwise ``finetune --resume`` continues
+    the same search (finished arms are read back) and gives the verdict."""
+    if a.finished_only:
+        return run_cli(["verdict", run_dir, "--json"], log=log, retries=a.retries, retry_wait=a.retry_wait)
+    return run_cli(["finetune", "--resume", run_dir, "--json"], log=log, retries=a.retries,
+                   retry_wait=a.retry_wait)
 
 
 def cmd_compare(a) -> int:
+    if a.seeds != "auto" and not str(a.seeds).isdigit():
+        raise SystemExit(f"--seeds {a.seeds}: a number or auto")
     prep = load_prepared(a.out) if not a.dry_run or (a.out / "prepare.json").is_file() else None
     rows, log = [], []
     for name in a.candidates:
@@ -896,8 +972,10 @@ def cmd_compare(a) -> int:
         run_dir = a.out / "compare" / "runs" / name
         injected = prep["injected"]["file"] if prep else "CACHE/injected.safetensors"
         data = prep["data"]["data"] if prep else "DATA"
-        args = ["finetune", injected, "--data", data, "--recipe", recipe, "--baseline", "--seeds", a.seeds,
-                "--json", "--workers", 0, "--img-size", a.img_size, "--num-classes", NUM_CLASSES,
+        args = ["finetune", injected, "--data", data, "--recipe", recipe, "--baseline",
+                "--control", a.control, "--seeds", a.seeds, *(["--max-seeds", a.max_seeds] if a.seeds == "auto" else []),
+                *(["--resolution", a.resolution] if a.resolution is not None else []),
+                "--json", "--workers", 0, "--threads", 1, "--img-size", a.img_size, "--num-classes", NUM_CLASSES,
                 "--batch-size", a.batch_size, "--out", run_dir]
         row = {"name": name, "setting": describe_setting(stages), "stages": stages, "recipe": str(recipe),
                "command": " ".join(map(str, [CLI, *args]))}
@@ -906,30 +984,49 @@ def cmd_compare(a) -> int:
             print(f"# {name}\n{recipe.read_text()}\n$ OMP_NUM_THREADS=1 {row['command']}\n")
             continue
         done = run_dir / "compare-result.json"
-        if done.is_file() and not a.force:
+        if done.is_file() and not a.force and not a.finished_only:
             rows[-1] = json.loads(done.read_text())
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        say(f"compare: {name} ({a.seeds} seeds, GCT and control)")
         t0 = time.perf_counter()
         try:
-            doc = run_cli(args, log=log, retries=a.retries, retry_wait=a.retry_wait, cleanup=run_dir)
+            if (run_dir / "comparison-run.json").is_file() and not a.force:
+                # started before (by hand, or interrupted): continue it; never start over
+                say(f"compare: {name}: {'verdict over the finished seeds' if a.finished_only else 'resuming'} "
+                    f"{run_dir}")
+                doc = _resume_or_verdict(run_dir, a, log)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                say(f"compare: {name} ({a.seeds} seeds, GCT and its {a.control} control)")
+                # a retry after a mid-refactor breakage must not delete finished seeds: resume
+                try:
+                    doc = run_cli(args, log=log, retries=0)
+                except CliError as e:
+                    broken = any(w in e.stderr for w in BREAKAGE) and "Traceback" in e.stderr
+                    if not (broken and (run_dir / "comparison-run.json").is_file()):
+                        raise
+                    say(f"  the CLI broke mid-run; resuming in {a.retry_wait:.0f} s")
+                    time.sleep(a.retry_wait)
+                    doc = _resume_or_verdict(run_dir, a, log)
         except CliError as e:
             row["error"] = str(e)
             say(f"  FAILED: {str(e)[:300]}")
             continue
         row["wall_seconds"] = round(time.perf_counter() - t0, 1)
         row["raw"] = doc
-        if not isinstance(doc, dict) or "verdict" not in doc:
-            row["error"] = "no 'verdict' in the output: does this CLI have `finetune --baseline --seeds`?"
+        if not isinstance(doc, dict) or not isinstance(doc.get("verdict"), dict) or "conclusion" not in doc["verdict"]:
+            row["error"] = ("no verdict with a conclusion in the output: does this CLI have "
+                            "`finetune --baseline --control --seeds auto`?")
             continue
         row["summary"] = summarize_baseline_doc(doc)
-        write_json(done, row)
+        if not a.finished_only and not doc.get("missing_seeds"):
+            write_json(done, row)
     if a.dry_run:
         return 0
     table = compare_table(rows)
     write_json(a.out / "compare.json", {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "img_size": a.img_size,
-                                        "seeds": a.seeds, "rows": rows, "commands": log, "table": table})
+                                        "seeds": a.seeds, "max_seeds": a.max_seeds, "control": a.control,
+                                        "resolution": a.resolution, "rows": rows, "commands": log,
+                                        "table": table})
     print(table)
     say(f"wrote {a.out / 'compare.json'}")
     return 0
@@ -971,17 +1068,31 @@ def cmd_selftest(a) -> int:
     want = math.sqrt((3 * 0.01 + 1 * 0.04) / 4)
     checks = [("max_abs_gamma", m["max_abs_gamma"], 0.2), ("max_abs_beta", m["max_abs_beta"], 0.3),
               ("rms_gate_dev", m["rms_gate_dev"], want), ("layers_beyond_5pct", m["layers_beyond_5pct"], 2)]
-    fake_compare = {"verdict": {"difference": 0.4, "ci95": [-0.3, 1.1], "seeds": 2, "metric": "top1",
-                                "text": "no clear difference"},
-                    "runs": [{"seed": s, "gct": {"stages": [{"name": "gates", "trainable_params": 9, "max_abs_gamma": g},
-                                                            {"name": "full", "trainable_params": 99, "max_abs_gamma": g + 0.1}],
-                                                 "best": {"top1": 80.0 + s}},
-                              "control": {"stages": [{"name": "gates", "trainable_params": 9, "max_abs_gamma": 0.0}],
-                                          "best": {"top1": 79.5 + s}}} for s, g in ((0, 0.2), (1, 0.4))]}
+    # the shape of finetune --baseline --json (issue 21): verdict fields and per-arm stages
+    fake_compare = {"metric": "top1", "control": "static", "compared": "final epoch, image by image",
+                    "verdict": {"metric": "top1", "difference": 0.5, "ci95": [-0.3, 1.3], "ci90": [-0.1, 1.1],
+                                "seeds": 2, "conclusion": "inconclusive", "mde": 2.1, "resolution": 0.5,
+                                "method": "paired per-image differences; crossed", "images": 3000,
+                                "stopping_rule": "O'Brien-Fleming", "looks": 1, "alpha_look": 0.05,
+                                "text": "inconclusive: GCT +0.5 top1"},
+                    "stopped": "futility",
+                    "runs": [{"seed": s, "gct": {"stages": [{"name": "gates", "trainable_params": 9, "steps": 4,
+                                                             "max_abs_gamma": g},
+                                                            {"name": "full", "trainable_params": 99, "steps": 2,
+                                                             "max_abs_gamma": g + 0.1}],
+                                                 "final": {"top1": 80.0 + s}, "best": {"top1": 80.5 + s}},
+                              "control": {"stages": [{"name": "gates", "trainable_params": 8, "steps": 4,
+                                                      "max_abs_gamma": 0.0},
+                                                     {"name": "full", "trainable_params": 98, "steps": 2,
+                                                      "max_abs_gamma": 0.0}],
+                                          "final": {"top1": 79.5 + s}, "best": {"top1": 79.5 + s}}}
+                             for s, g in ((0, 0.2), (1, 0.4))]}
     s = summarize_baseline_doc(fake_compare)
-    checks += [("gamma after gates", s["max_abs_gamma_mean"]["gates"], 0.3),
-               ("gamma after full", s["max_abs_gamma_mean"]["full"], 0.4),
-               ("difference", s["difference"], 0.4), ("seed 1 gct", s["per_seed"][1]["gct_final"], 81.0)]
+    checks += [("gct gamma after full, seed 1", s["per_seed"][1]["gct_stages"][1]["max_abs_gamma"], 0.5),
+               ("control steps in gates", s["per_seed"][0]["control_stages"][0]["steps"], 4),
+               ("difference", s["difference"], 0.5), ("seed 1 gct final", s["per_seed"][1]["gct_final"], 81.0),
+               ("seed 0 difference", s["per_seed"][0]["difference"], 0.5), ("mde", s["mde"], 2.1),
+               ("conclusion is inconclusive", float(s["conclusion"] == "inconclusive"), 1.0)]
     for what, got, expected in checks:
         ok = abs(got - expected) < 1e-9
         failures += not ok
@@ -1041,8 +1152,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("compare", help="phase 2: finetune --baseline --seeds N per chosen candidate")
     training_options(p)
-    p.add_argument("--candidates", nargs="+", required=True)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--candidates", nargs="+", default=["adamw-1e-2"],
+                   help="default: adamw-1e-2, the default recipe's gates stage")
+    p.add_argument("--seeds", default="auto",
+                   help="paired seeds: a number, or auto (add seeds until the verdict is decided, "
+                        "up to --max-seeds; the error rate is spent over the looks)")
+    p.add_argument("--max-seeds", type=int, default=6, help="with --seeds auto: the most seeds")
+    p.add_argument("--control", choices=("static", "identity"), default="static",
+                   help="static: the same surgery with gamma held at 0 (the engine's default); "
+                        "identity: the gates removed")
+    p.add_argument("--resolution", type=float, default=0.5,
+                   help="the equivalence bound, points of top-1 (the engine's default for top1)")
     p.add_argument("--full-epochs", type=int, default=1)
     p.add_argument("--full-lr", type=float, default=1e-3, help="gate lr of the full stage")
     p.add_argument("--full-base-lr", type=float, default=1e-4)
@@ -1052,6 +1172,9 @@ def main(argv: list[str] | None = None) -> int:
                         "frozen-BN stages costs both arms 8-14 points on this model, so the verdict would "
                         "measure damage, not gates")
     p.add_argument("--dry-run", action="store_true", help="write the recipes and print the commands only")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: the verdict over the seeds of OUT/compare/runs/NAME that have finished "
+                        "(gct-surgery verdict), for a search stopped early")
 
     sub.add_parser("selftest", help="recipes and parsers, no training")
     a = parser.parse_args(argv)

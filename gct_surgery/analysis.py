@@ -200,11 +200,11 @@ def analyse(model: nn.Module, images: torch.Tensor | None = None) -> GateAnalysi
 
 
 def inspect_checkpoint(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = None,
-                       limit: int = 32, allow_pickle: bool = False) -> GateAnalysis:
+                       limit: int = 32) -> GateAnalysis:
     """Load a checkpoint and analyse its gates (over images from ``data`` if given)."""
     from .io.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    loaded = load_checkpoint(checkpoint)
     images = load_images(data, loaded.meta.data, limit) if data is not None else None
     return analyse(loaded.model, images)
 

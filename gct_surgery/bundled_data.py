@@ -48,12 +48,14 @@ def class_folder_names(class_names) -> list[str]:
     ]
 
 
-def write_image_folder(out_dir, *, size=None) -> Path:
+def write_image_folder(out_dir, *, size=None, per_class=None) -> Path:
     """Write the bundled set as ``out_dir/{train,val}/<label>_<class>/<index>.png``.
 
     This is the layout torchvision's ``ImageFolder`` (and the training code) reads.
     ``size`` (an int or ``(width, height)``) upsamples the 28×28 grayscale images
-    with bilinear resampling; ``None`` keeps them at 28×28.
+    with bilinear resampling; ``None`` keeps them at 28×28. ``per_class``
+    (``(train, val)`` counts, or one int for both) writes the first images of each
+    class only, a smaller set for quick runs; ``None`` writes all of them.
 
     Idempotent and safe to interrupt or race: the tree is built in a temp folder
     beside ``out_dir``, the ``.complete`` marker is written last, and the folder is
@@ -63,7 +65,8 @@ def write_image_folder(out_dir, *, size=None) -> Path:
     """
     out_dir = Path(out_dir)
     size = _normalise_size(size)
-    if _is_complete(out_dir, size):
+    per_class = _normalise_counts(per_class)
+    if _is_complete(out_dir, size, per_class):
         return out_dir
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir} exists and is not a complete bundled image folder; "
@@ -72,14 +75,15 @@ def write_image_folder(out_dir, *, size=None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        counts = _write_tree(tmp, size)
-        (tmp / _MARKER).write_text(json.dumps({"size": size, **counts}) + "\n")
+        counts = _write_tree(tmp, size, per_class)
+        (tmp / _MARKER).write_text(json.dumps({"size": size, "per_class": per_class, **counts})
+                                   + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result is an ordinary folder
         try:
             os.replace(tmp, out_dir)  # also replaces an empty out_dir
         except OSError:
             # Someone else finished first: use theirs if it is complete.
-            if not _is_complete(out_dir, size):
+            if not _is_complete(out_dir, size, per_class):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -100,29 +104,52 @@ def _normalise_size(size):
     return [width, height]
 
 
-def _is_complete(out_dir: Path, size) -> bool:
-    """True if ``out_dir`` carries our marker; a marker for another size is an error."""
+def _normalise_counts(per_class):
+    if per_class is None:
+        return None
+    counts = [per_class, per_class] if isinstance(per_class, int) else [int(v) for v in per_class]
+    if len(counts) != len(SPLITS) or min(counts) < 1:
+        raise DataError(f"per_class must be a positive count or (train, val) counts, "
+                        f"got {per_class!r}")
+    return counts
+
+
+def _is_complete(out_dir: Path, size, per_class=None) -> bool:
+    """True if ``out_dir`` carries our marker; a marker for another size or subset is an
+    error."""
     marker = out_dir / _MARKER
     if not marker.is_file():
         return False
     try:
-        written = json.loads(marker.read_text()).get("size")
+        doc = json.loads(marker.read_text())
+        written, subset = doc.get("size"), doc.get("per_class")
     except (OSError, ValueError, AttributeError):
         return False
     if written != size:
         raise DataError(f"{out_dir} already holds the bundled images at size {written}, "
                         f"not {size}; remove it or choose another output folder")
+    if subset != per_class:
+        def what(c):
+            return "all the images" if c is None else f"{c[0]} train and {c[1]} val images a class"
+        raise DataError(f"{out_dir} already holds {what(subset)} of the bundled set, not "
+                        f"{what(per_class)}; remove it or choose another output folder")
     return True
 
 
-def _write_tree(root: Path, size) -> dict:
+def _write_tree(root: Path, size, per_class=None) -> dict:
+    import numpy as np
     from PIL import Image
 
     data = load_bundled()
     folders = class_folder_names(data["class_names"])
     counts = {}
-    for split in SPLITS:
+    for s, split in enumerate(SPLITS):
         images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+        if per_class is not None:  # the first images of each class, in file order
+            rank = np.zeros(len(labels), dtype=int)  # each image's place within its class
+            for label in np.unique(labels):
+                rank[labels == label] = np.arange(int((labels == label).sum()))
+            images, labels = images[rank < per_class[s]], labels[rank < per_class[s]]
         for folder in folders:
             (root / split / folder).mkdir(parents=True)
         for index, (image, label) in enumerate(zip(images, labels)):

@@ -1,4 +1,5 @@
-"""The end-to-end demo: the whole pipeline on the bundled Fashion-MNIST subset.
+"""The end-to-end demo: the whole pipeline on the bundled Fashion-MNIST subset, and a
+verdict over several seeds.
 
 Every step calls the same library function as the command it stands for, in order:
 
@@ -6,13 +7,16 @@ Every step calls the same library function as the command it stands for, in orde
 2. briefly train a small timm CNN as "the user's existing model" and save its state
    dict as an ordinary ``.pth`` checkpoint (``finetune`` with one full stage on an
    un-gated model);
-3. ``inject`` -> ``finetune --stage gates`` -> ``finetune --stage full`` -> ``export``
-   -> ``eval``;
-4. the honest comparison (``finetune --baseline``): the same recipe run once with the
-   gates and once as its control, the gates held at identity, and the verdict.
+3. ``inject``;
+4. ``finetune --baseline --seeds N``: the recipe (gates, then full) run with the gates
+   and as their control (the same surgery with gamma held at 0: static per-channel
+   scales) for N paired seeds, and the verdict. Seed 0's GCT arm *is* the pipeline's
+   fine-tune (``finetune --recipe`` with ``--seed 0`` repeats it alone), so it is not run
+   a second time;
+5. ``export`` that fine-tuned model -> ``eval`` the exported file.
 
 ``DemoResult.commands`` holds the equivalent command lines, so a user can repeat each
-step by hand.
+step by hand. Sized for 2 CPU cores (docs/performance.md, "The demo").
 """
 from __future__ import annotations
 
@@ -22,27 +26,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .errors import DataError, UserError
 
 Event = Callable[[str, dict], None]
-CONTROL_STEP = "control (same recipe, gates at identity)"
+GCT_STEP = "finetune: gates, then full (GCT, seed {seed})"
+CONTROL_STEP = "control: the same recipe, gamma held at 0 (seed {seed})"
+SEEDS_STEP = "seeds {seeds}: GCT and control"
 
 
 @dataclass
 class DemoSettings:
-    """Sized to finish in a few minutes on 2 CPU cores."""
+    """Sized to finish within 3 minutes on a quiet 2-core CPU (docs/performance.md)."""
 
     out: str = "demo-out"
     model: str = "timm:resnet10t"
     img_size: int = 32
-    pretrain_epochs: int = 5
-    gates_epochs: int = 2
-    full_epochs: int = 3
-    batch_size: int = 64
+    pretrain_epochs: int = 3
+    gates_epochs: int = 1
+    full_epochs: int = 1
+    seeds: int = 3                  # paired seeds of the comparison (at least 2 for a verdict)
+    batch_size: int = 128           # 64 costs ~20% more time for ~2 points of pre-training
+    pretrain_lr: float = 6e-3       # the existing model's training (from scratch)
+    per_class: tuple[int, int] | None = None  # (train, val) images a class; None: all
     workers: int | None = None  # None: auto, as finetune and eval choose (train/machine.py)
     threads: int | None = None
     seed: int = 0
     force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise UserError(f"--seeds {self.seeds}: give 1 or more (3 or more for a verdict "
+                            "that can say more than 'undetermined')")
+        for name in ("pretrain_epochs", "gates_epochs", "full_epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 @dataclass
@@ -56,6 +73,20 @@ class DemoStep:
 
 
 @dataclass
+class DemoSeed:
+    """One paired seed of the comparison: the final-epoch top-1 of each arm."""
+
+    seed: int
+    gct: float | None
+    control: float | None
+    seconds: float
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.gct is None or self.control is None else self.gct - self.control
+
+
+@dataclass
 class DemoResult:
     out: Path
     steps: list[DemoStep]
@@ -65,43 +96,44 @@ class DemoResult:
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     verdict: dict = field(default_factory=dict)  # train.verdict.Verdict.to_dict()
+    seeds: list[DemoSeed] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # seed 0's GCT arm, per stage
+    commands_extra: list[str] = field(default_factory=list)  # commands that are not one step
 
     @property
     def commands(self) -> list[str]:
-        return [s.command for s in self.steps if s.command]
+        return [s.command for s in self.steps if s.command] + self.commands_extra
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "seconds": round(self.seconds, 1),
-                "params_base": self.params_base, "params_added": self.params_added,
-                "gates": self.gates, "files": self.files, "verdict": self.verdict,
-                "steps": [s.__dict__ for s in self.steps]}
+        from .train.verdict import json_safe
+
+        return json_safe({
+            "out": str(self.out), "seconds": round(self.seconds, 1),
+            "params_base": self.params_base, "params_added": self.params_added,
+            "gates": self.gates, "files": self.files, "verdict": self.verdict,
+            "seeds": [{**s.__dict__, "difference": s.difference} for s in self.seeds],
+            "stages": self.stages, "steps": [s.__dict__ for s in self.steps],
+            "commands": self.commands})
 
 
-def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None = None) -> DemoResult:
+def run_demo(settings: DemoSettings = DemoSettings(), *,
+             on_event: Event | None = None) -> DemoResult:
     """Run the whole pipeline into ``settings.out`` and return what each step gave."""
-    from .bundled_data import write_image_folder
-    from .io.checkpoint import load_checkpoint
+    started = time.perf_counter()
+    s = settings
+    out = _prepare(Path(s.out), s.force)  # before torch is imported: a refusal is instant
+
     from .io.export import export
     from .operations import inject_model, open_model
     from .train.compare import compare
-    from .train.config import TrainConfig
     from .train.evaluate import evaluate_checkpoint
-    from .train.loop import finetune
     from .train.recipe import Recipe, default_recipe, load_recipe
-    from .train.stages import Stage
 
-    started = time.perf_counter()
-    s = settings
-    out = _prepare(Path(s.out), s.force)
     emit = on_event or (lambda kind, info: None)
     steps: list[DemoStep] = []
     speed = "".join(f" --{k} {v}" for k, v in (("workers", s.workers), ("threads", s.threads))
                     if v is not None)
     common = f"--img-size {s.img_size} --batch-size {s.batch_size}{speed} --seed {s.seed}"
-
-    def config(run: str) -> TrainConfig:
-        return TrainConfig(data=str(data), out=str(out / run), batch_size=s.batch_size,
-                           workers=s.workers, threads=s.threads, seed=s.seed, img_size=s.img_size)
 
     def step(name: str, command: str, fn):
         emit("step_start", {"name": name, "command": command})
@@ -111,43 +143,29 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
         steps.append(st)
         return st, value
 
+    def done(st: DemoStep, **extra) -> None:
+        emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1, **extra})
+
     def scored(st: DemoStep, checkpoint: Path) -> None:
         r = evaluate_checkpoint(checkpoint, data, batch_size=256, workers=s.workers,
                                 threads=s.threads)
         st.top1, st.top5, st.output = r.top1, r.top5, str(checkpoint)
-        emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
+        done(st)
 
     # 1. Data.
     data = out / "data"
-    st, _ = step("data", "", lambda: write_image_folder(data))
-    emit("step_end", {"name": st.name, "seconds": st.seconds})
+    st, _ = step("data", "", lambda: _write_data(data, s.per_class))
+    st.output = str(data)
+    done(st)
 
     # 2. The user's existing model: trained briefly, saved as a plain state dict.
-    pretrain = Recipe((Stage(name="pretrain", kind="full", epochs=s.pretrain_epochs, lr=3e-3,
-                             base_lr=3e-3, warmup=0.05),), "demo pre-training")
     base_pth = out / "base.pth"
-
-    def train_base():
-        model, meta = open_model(s.model, num_classes=10)
-        from .io.checkpoint import save
-
-        save(model, out / "untrained.safetensors", meta)
-        result = finetune(out / "untrained.safetensors", pretrain, config("runs/pretrain"),
-                          on_event=emit)
-        trained = load_checkpoint(result.run_dir / "last.safetensors").model
-        import torch
-
-        from .io.atomic import atomic_path
-
-        with atomic_path(base_pth) as tmp:
-            torch.save(trained.state_dict(), tmp)
-        return result
-
-    st, _ = step("existing model (trained briefly)", "", train_base)
+    st, _ = step("existing model (trained briefly)", "",
+                 lambda: _train_base(s, data, out, base_pth, emit))
     scored(st, out / "runs/pretrain/last.safetensors")
     st.output = str(base_pth)
 
-    # 3. The pipeline, through the commands' library calls.
+    # 3. Inject: the gated model must score exactly what the base scored.
     gated = out / "gated.safetensors"
     st, injected = step(
         "inject", f"gct-surgery inject {base_pth} --arch {s.model} --num-classes 10 "
@@ -158,53 +176,107 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, on_event: Event | None 
     if injected.max_abs_diff != 0.0:
         raise UserError(f"injection changed the output by {injected.max_abs_diff}")
 
+    # 4. Fine-tune (gates, then full) and its control, seed after seed, then the verdict.
+    # Seed 0's GCT arm is the fine-tune the rest of the pipeline exports.
     recipe = default_recipe()
-    gates_recipe = recipe.only("gates").override(epochs=s.gates_epochs)
-    full_recipe = recipe.only("full").override(epochs=s.full_epochs)
-    st, _ = step("finetune --stage gates",
-                 f"gct-surgery finetune {gated} --data {data} --stage gates --epochs {s.gates_epochs} "
-                 f"{common} --out {out}/runs/gates",
-                 lambda: finetune(gated, gates_recipe, config("runs/gates"), on_event=emit))
-    scored(st, out / "runs/gates/last.safetensors")
-    st, _ = step("finetune --stage full",
-                 f"gct-surgery finetune {out}/runs/gates/last.safetensors --data {data} --stage full "
-                 f"--epochs {s.full_epochs} {common} --out {out}/runs/full",
-                 lambda: finetune(out / "runs/gates/last.safetensors", full_recipe,
-                                  config("runs/full"), on_event=emit))
-    scored(st, out / "runs/full/last.safetensors")
+    recipe = Recipe((*recipe.only("gates").override(epochs=s.gates_epochs).stages,
+                     *recipe.only("full").override(epochs=s.full_epochs).stages), "demo")
+    recipe_file = out / "recipe.yaml"
+    _write_recipe(recipe_file, recipe)
+    compare_dir = out / "runs/compare"
+    baseline = (f"gct-surgery finetune {gated} --data {data} --recipe {recipe_file} --baseline "
+                f"--seeds {s.seeds} {common} --out {compare_dir}")
+    emit("step_start", {"name": f"finetune --baseline --seeds {s.seeds}", "command": baseline})
+    t0 = time.perf_counter()
+    compared = compare(gated, load_recipe(recipe_file), _config(s, data, compare_dir),
+                       seeds=s.seeds, on_event=emit)
+    first = compared.runs[0]
+    gct_dir = first.gct.run_dir
+    steps.append(_arm_step(GCT_STEP.format(seed=first.seed), first.gct,
+                           f"gct-surgery finetune {gated} --data {data} --recipe {recipe_file} "
+                           f"{common} --out {out}/runs/finetune"))
+    steps.append(_arm_step(CONTROL_STEP.format(seed=first.seed), first.control, baseline))
+    if len(compared.runs) > 1:
+        rest = compared.runs[1:]
+        label = ", ".join(str(r.seed) for r in rest)
+        steps.append(DemoStep(SEEDS_STEP.format(seeds=label), "",
+                              sum(r.gct.seconds + r.control.seconds for r in rest),
+                              output=str(compare_dir)))
+    emit("step_end", {"name": "comparison", "seconds": time.perf_counter() - t0, "top1": None})
 
+    # 5. Export seed 0's GCT arm and evaluate the exported file.
     model_out = out / "model.safetensors"
-    st, exported = step("export", f"gct-surgery export {out}/runs/full/last.safetensors -o {model_out}",
-                        lambda: export(out / "runs/full/last.safetensors", model_out,
-                                       input_size=[3, s.img_size, s.img_size]))
+    last = gct_dir / "last.safetensors"
+    st, exported = step("export", f"gct-surgery export {last} -o {model_out}",
+                        lambda: export(last, model_out, input_size=[3, s.img_size, s.img_size]))
     st.output = str(model_out)
-    emit("step_end", {"name": st.name, "seconds": st.seconds, "max_abs_diff": exported.max_abs_diff})
+    done(st, max_abs_diff=exported.max_abs_diff)
     st, evaluated = step("eval", f"gct-surgery eval {model_out} --data {data}",
                          lambda: evaluate_checkpoint(model_out, data, batch_size=256,
                                                      workers=s.workers, threads=s.threads))
     st.top1, st.top5, st.output = evaluated.top1, evaluated.top5, str(model_out)
-    emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
-
-    # 4. The honest comparison: the two stages above as one recipe, run with the gates
-    # and as the control (gates held at identity), same seed, data order and head.
-    recipe_file = out / "recipe.yaml"
-    _write_recipe(recipe_file, Recipe((*gates_recipe.stages, *full_recipe.stages), "demo"))
-    st, compared = step(CONTROL_STEP,
-                        f"gct-surgery finetune {gated} --data {data} --recipe {recipe_file} --baseline "
-                        f"{common} --out {out}/runs/compare",
-                        lambda: compare(gated, load_recipe(recipe_file), config("runs/compare"),
-                                        on_event=emit))
-    control = compared.runs[0].control
-    st.top1, st.top5 = control.last["top1"], control.last["top5"]
-    st.output = str(control.run_dir / "last.safetensors")
-    emit("step_end", {"name": st.name, "seconds": st.seconds, "top1": st.top1})
+    done(st)
 
     report = injected.report
-    files = sorted(str(p) for p in [base_pth, gated, model_out, recipe_file,
-                                    *(out / "runs").glob("*/metrics.*"), *(out / "runs").glob("*/comparison.json"),
-                                    *(out / "runs").glob("*/last.safetensors")])
+    seeds = [DemoSeed(r.seed, (r.gct.last or {}).get("top1"), (r.control.last or {}).get("top1"),
+                      r.gct.seconds + r.control.seconds) for r in compared.runs]
+    files = [base_pth, gated, recipe_file, model_out, compare_dir / "comparison.json",
+             compare_dir / "metrics.png", last, first.control.run_dir / "last.safetensors"]
     return DemoResult(out, steps, report.base_params, report.params_added, report.gates_total,
-                      files, time.perf_counter() - started, compared.verdict.to_dict())
+                      [str(f) for f in files if f.exists()], time.perf_counter() - started,
+                      compared.verdict.to_dict() if compared.verdict else {}, seeds,
+                      list(first.gct.stages), [f"gct-surgery verdict {compare_dir}"])
+
+
+def _config(s: DemoSettings, data: Path, out: Path):
+    from .train.config import TrainConfig
+
+    return TrainConfig(data=str(data), out=str(out), batch_size=s.batch_size, workers=s.workers,
+                       threads=s.threads, seed=s.seed, img_size=s.img_size)
+
+
+def _arm_step(name: str, run, command: str) -> DemoStep:
+    last = run.last or {}
+    return DemoStep(name, command, run.seconds, last.get("top1"), last.get("top5"),
+                    str(run.run_dir / "last.safetensors"))
+
+
+def _train_base(s: DemoSettings, data: Path, out: Path, base_pth: Path, emit: Event):
+    """A timm model trained from scratch for a few epochs, saved as a plain state dict."""
+    import torch
+
+    from .io.atomic import atomic_path
+    from .io.checkpoint import load_checkpoint, save
+    from .operations import open_model
+    from .train.loop import finetune
+    from .train.recipe import Recipe
+    from .train.stages import Stage
+
+    pretrain = Recipe((Stage(name="pretrain", kind="full", epochs=s.pretrain_epochs,
+                             lr=s.pretrain_lr, base_lr=s.pretrain_lr, warmup=0.05),),
+                      "demo pre-training")
+    model, meta = open_model(s.model, num_classes=10)
+    save(model, out / "untrained.safetensors", meta)
+    result = finetune(out / "untrained.safetensors", pretrain,
+                      _config(s, data, out / "runs/pretrain"), on_event=emit)
+    trained = load_checkpoint(result.run_dir / "last.safetensors").model
+    with atomic_path(base_pth) as tmp:
+        torch.save(trained.state_dict(), tmp)
+    return result
+
+
+def _write_data(data: Path, per_class) -> Path:
+    """The bundled images as an image folder; a demo folder's earlier data of another
+    subset is replaced (it is the demo's own, and never changes otherwise)."""
+    from .bundled_data import write_image_folder
+
+    try:
+        return write_image_folder(data, per_class=per_class)
+    except DataError:
+        if not (data.parent / ".gct-surgery-demo").exists():
+            raise
+        shutil.rmtree(data, ignore_errors=True)
+        return write_image_folder(data, per_class=per_class)
 
 
 def _write_recipe(path: Path, recipe) -> None:
@@ -213,7 +285,8 @@ def _write_recipe(path: Path, recipe) -> None:
 
     from .io.atomic import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump({"stages": recipe.to_dict()["stages"]}, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump({"stages": recipe.to_dict()["stages"]},
+                                           sort_keys=False))
 
 
 def _prepare(out: Path, force: bool) -> Path:

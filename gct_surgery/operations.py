@@ -22,9 +22,10 @@ from .io.checkpoint import (RECORD_ATTR, default_checkpoint_name, load_checkpoin
 from .io.foreign import classes_in, describe, load_file_weights, read_weights_file
 from .io.metadata import METADATA_KEY, CheckpointMeta
 from .io.safetensors_file import is_safetensors, read_header
-from .io.source_rules import recordable
-from .io.sources import (ModelSource, build_model, meant_architecture, model_data_config, not_an_architecture, parse_source,
-                         resolve_timm_hub)
+from .io.source_rules import recordable, resolve_hub
+from .io.sources import (ModelSource, build_model, meant_architecture, model_data_config,
+                         not_an_architecture, parse_source)
+from .io.trust import remember
 
 
 @dataclass
@@ -72,7 +73,7 @@ def open_source(
         if path.is_dir():
             raise SourceError(run_folder_hint(path) or f"{path} is a folder, not a checkpoint file")
         if is_safetensors(path) and METADATA_KEY in read_header(path)[1]:  # corrupt: a clear error
-            loaded = load_checkpoint(path, allow_pickle=allow_pickle)
+            loaded = load_checkpoint(path)
             return Opened(loaded.model, loaded.meta)
         return _open_weights_file(path, arch, num_classes, in_chans, use_ema, allow_pickle)
     if arch is not None:
@@ -82,7 +83,7 @@ def open_source(
                           f"as the SOURCE: gct-surgery inject FILE --arch {source} --use-ema")
     spec = ModelSource(source, _kwargs(source, num_classes, in_chans), weights=weights,
                        pretrained=pretrained, use_ema=use_ema)
-    resolved = resolve_timm_hub(spec)
+    resolved = resolve_hub(spec, source)
     opened = _open(resolved, allow_pickle, base=source if resolved is not spec else None)
     if kind in ("timm", "torchvision") and not (resolved.weights or resolved.pretrained):
         opened.warnings.append(random_weights_warning(source))
@@ -105,7 +106,7 @@ def _open_weights_file(path: Path, arch: str | None, num_classes: int | None,
             "which model it is for with --arch timm:NAME, torchvision:NAME or file.py:factory"
             + ("" if is_safetensors(path) else
                " (a whole pickled module needs --allow-pickle, which runs its code)"))
-    source = resolve_timm_hub(ModelSource(arch, _kwargs(arch, num_classes, in_chans)))
+    source = resolve_hub(ModelSource(arch, _kwargs(arch, num_classes, in_chans)), arch)
     source = replace(source, pretrained=False)  # the file's weights replace the hub's
     model = build_model(source, allow_pickle=allow_pickle)
     classes = classes_in(model, found.tensors, found.num_classes)
@@ -169,6 +170,7 @@ def _open(source: ModelSource, allow_pickle: bool, *, model: nn.Module | None = 
     # recorded so it rebuilds from any folder: a file by its absolute path, a package
     # with the folder it was imported from
     source = recordable(source)
+    remember(source.spec, source.root)  # the user named this code: its files reopen freely
     meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[],
                           data=model_data_config(model, source.kind))
     extra = {k: v for k, v in (("file", found), ("arch", base and source.spec),

@@ -4,11 +4,17 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Never reach for the hub: offline, timm fails in 0.2 s instead of ~47 s of retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The store of trusted code (gct_surgery/io/trust.py) is this test process's own, never
+# the user's: what a test injects is remembered there, as for a user; a test that needs
+# a machine where nothing is remembered empties it (tests/test_trust.py).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="gct-surgery-config-")
+os.environ.pop("GCT_SURGERY_TRUST_FILE", None)
 
 import pytest  # noqa: E402
 

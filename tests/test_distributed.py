@@ -13,6 +13,7 @@ after 6 steps the weights agree to within atol 1e-5, rtol 1e-4.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,42 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         assert float(r1["top1"]) == pytest.approx(float(r2["top1"]))
     assert proc.stdout.count("epoch 2") == 1  # only rank 0 prints
     assert not list(multi.glob(".*.tmp"))
+
+
+ONE_EPOCH = RECIPE.replace("epochs = 2", "epochs = 1")
+
+
+def test_a_two_process_comparison_runs_like_a_single_run(tmp_path):
+    """Under torchrun a --baseline comparison trains each arm with every rank in turn;
+    rank 0 alone creates the folders, writes and decides: one comparison, two seeds."""
+    data = write_folder(tmp_path / "imgs", train=8, val=3)
+    ckpt = make_checkpoint(tmp_path / "c.safetensors")
+    (tmp_path / "r.toml").write_text(ONE_EPOCH)
+    out = tmp_path / "cmp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(bin_dir / "gct-surgery"), "finetune", str(ckpt), "--data", str(data),
+                           "--recipe", str(tmp_path / "r.toml"), "--img-size", "32",
+                           "--batch-size", "8", "--workers", "0", "--no-aug", "--device", "cpu",
+                           "--out", str(out), "--baseline", "--seeds", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [r["seed"] for r in doc["runs"]] == [0, 1] and doc["verdict"]["seeds"] == 2
+    assert proc.stdout.count("conclusion:") == 1  # rank 0 alone prints the verdict
+    # Every validation image once, gathered from both ranks in the set's order: what one
+    # process scores with the control's final weights.
+    from gct_surgery.io.checkpoint import load_checkpoint
+    from gct_surgery.train.evaluate import evaluate
+    from gct_surgery.train.loaders import resolve_data_config
+    from gct_surgery.train.task import load_task
+
+    arm = out / "seed-1" / "control"
+    loaded = load_checkpoint(arm / "last.safetensors")
+    task = load_task(None)
+    _, val = task.datasets(data, resolve_data_config(loaded.meta.data, loaded.model, img_size=32),
+                           augment=False)
+    alone = evaluate(loaded.model, val, task, torch.device("cpu"), batch_size=4, per_image=True)
+    gathered = load_file(arm / "per_image.safetensors")["values"]
+    assert gathered.shape == (9,) and torch.equal(gathered, alone["per_image"])

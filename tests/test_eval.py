@@ -151,6 +151,11 @@ def test_recorded_task_is_the_last_recipe_and_must_be_the_users_code():
     assert recorded_task(history(None)) is None
     assert recorded_task(history("classification")) is None
     assert recorded_task(history(SALIENCY_TASK)) == SALIENCY_TASK
-    for hostile in ("os:getcwd", "timm:create_model", "subprocess:Popen", 7):
+    for hostile in ("timm:create_model", 7):  # not a task name at all
         with pytest.raises(TaskError, match="pass --task"):
+            recorded_task(history(hostile))
+    from gct_surgery.io.trust import UntrustedCodeError
+
+    for hostile in ("os:getcwd", "subprocess:Popen"):  # code this user never chose
+        with pytest.raises(UntrustedCodeError, match="names a task to run.*--trust-source"):
             recorded_task(history(hostile))

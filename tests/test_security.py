@@ -129,10 +129,16 @@ def test_allow_pickle_lifts_the_refusal_for_a_trusted_module(tmp_path):
                 "--input-size", "3,32,32"]) == 0
     assert read_metadata(out).source["spec"] == f"pickle:{tmp_path / 'model.pt'}"
     x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # the user unpickled it themselves: remembered, it reopens
+        assert torch.equal(gct_surgery.load(out)(x), model(x))
+    from gct_surgery.io import trust
+
+    trust.store_path().unlink()  # elsewhere, the file alone names a pickle: refused
+    trust._chosen.clear()
+    with pytest.raises(UserError, match="trust-source"):
+        gct_surgery.load(out, allow_pickle=True)  # --allow-pickle is for paths you type
     with torch.no_grad():
-        assert torch.equal(gct_surgery.load(out, allow_pickle=True)(x), model(x))
-    with pytest.raises(UserError, match="allow-pickle"):
-        gct_surgery.load(out)  # rebuilding it needs the same opt-in
+        assert torch.equal(gct_surgery.load(out, trust_source=True)(x), model(x))
 
 
 # --- hostile metadata: a safetensors file that names code ------------------------
@@ -152,31 +158,44 @@ def base_doc(**changes) -> dict:
 
 @pytest.mark.parametrize("source", [
     {"spec": "os:system", "kwargs": {"command": "touch MARKER"}},
+    {"spec": "shutil:rmtree", "kwargs": {"path": "victim"}},
     {"spec": "subprocess:run", "kwargs": {"args": ["touch", "MARKER"]}},
     {"spec": "builtins:exec", "kwargs": {}},
     {"spec": "gct_surgery.io.atomic:atomic_write_text", "kwargs": {"dest": "MARKER", "text": "x"}},
     {"spec": "{stdlib}/subprocess.py:run", "kwargs": {"args": ["touch", "MARKER"]}},
     {"spec": "timm:test_resnet", "kwargs": {"checkpoint_path": "evil.pth"}},
     {"spec": "timm:test_resnet", "kwargs": {"pretrained_cfg_overlay": {"file": "evil.pth"}}},
-], ids=["os.system", "subprocess.run", "exec", "own-package", "stdlib-file", "checkpoint_path", "overlay"])
+], ids=["os.system", "rmtree", "subprocess.run", "exec", "own-package", "stdlib-file",
+        "checkpoint_path", "overlay"])
 def test_metadata_that_names_code_is_refused(tmp_path, monkeypatch, source):
     import sysconfig
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "victim").mkdir()
     source = {**source, "spec": source["spec"].format(stdlib=sysconfig.get_paths()["stdlib"])}
     path = write_checkpoint(tmp_path / "evil.safetensors", base_doc(source=source))
-    with pytest.raises(CheckpointError, match="may only name your own model code|is not allowed|not a plain value"):
+    refused = "refused. If you trust it|cannot find|is not allowed|not a plain value"
+    with pytest.raises(UserError, match=refused):
         gct_surgery.load(path)
     from gct_surgery.cli import run
 
     assert run(["inject", str(path), "-o", str(tmp_path / "out.safetensors")]) == 2
-    assert not (tmp_path / "MARKER").exists()
+    assert not (tmp_path / "MARKER").exists() and (tmp_path / "victim").is_dir()
 
 
 def test_history_cannot_smuggle_a_source(tmp_path):
-    doc = base_doc(history=[{"action": "open", "source": "os:system"}])
-    with pytest.raises(CheckpointError, match="standard library"):
+    """The ``open`` event a gates-only file rebuilds its base from is held to the same
+    rules: plain names and values at read, consent before its code runs."""
+    doc = base_doc(history=[{"action": "open", "source": "timm:hf-hub:evil/x"}])
+    with pytest.raises(CheckpointError, match="not a plain model name"):
         read_metadata(write_checkpoint(tmp_path / "h.safetensors", doc))
+    from gct_surgery.io.adapter import resolve_base
+    from gct_surgery.io.trust import UntrustedCodeError
+
+    doc = base_doc(history=[{"action": "open", "source": "os:system"}])
+    meta = read_metadata(write_checkpoint(tmp_path / "h2.safetensors", doc))
+    with pytest.raises(UntrustedCodeError, match="os.py:system"):
+        resolve_base(meta)
 
 
 def test_own_factory_still_loads(tmp_path):
@@ -193,8 +212,8 @@ def test_own_factory_still_loads(tmp_path):
 def test_huge_model_kwargs_are_refused_before_allocation(tmp_path):
     (tmp_path / "tiny.py").write_text(TINY)
     doc = base_doc(source={"spec": f"{tmp_path}/tiny.py:build", "kwargs": {"width": 60000}})
-    with pytest.raises(UserError, match="would have .* parameters"):
-        gct_surgery.load(write_checkpoint(tmp_path / "big.safetensors", doc))
+    with pytest.raises(UserError, match="would have .* parameters"):  # trusted, still too big
+        gct_surgery.load(write_checkpoint(tmp_path / "big.safetensors", doc), trust_source=True)
     doc = base_doc(source={"spec": "timm:test_resnet", "kwargs": {"num_classes": 10**9}})
     with pytest.raises(CheckpointError, match="not a plain value"):
         gct_surgery.load(write_checkpoint(tmp_path / "big2.safetensors", doc))

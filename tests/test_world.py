@@ -334,8 +334,8 @@ def test_stop_flag_before_any_save(tmp_path):
 def test_an_interrupted_baseline_resumes_and_gives_its_verdict(ckpt, data, tmp_path, cli):
     out = tmp_path / "cmp"
     args = ["finetune", str(ckpt), "--data", str(data), "--out", str(out), *ARGS, "--baseline"]
-    # GCT: 6 steps (gates, then full); the control's gates stage trains nothing, so the
-    # 8th step of this process is the 2nd of the control's full stage: its second half.
+    # GCT: 6 steps (gates, then full); the control trains the same 6, so the 8th step of
+    # this process is the 2nd of the control's gates stage.
     done = run_cli(cli, args, "term:after_step:8")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert f"--resume {out} (the whole comparison)" in " ".join(done.stderr.split())

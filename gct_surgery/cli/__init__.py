@@ -16,7 +16,7 @@ import typer
 from ._app import app, tidy_help  # noqa: E402  (commands register on it)
 
 # Command modules register themselves on ``app`` when imported, in help order.
-from . import inject, finetune, eval, export, inspect, demo  # noqa: E402,F401
+from . import inject, finetune, eval, export, inspect, verdict, demo, trust  # noqa: E402,F401
 
 
 @functools.lru_cache(maxsize=1)

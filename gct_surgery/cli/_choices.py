@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from enum import Enum
 
+import typer
+
+TRUST_HELP = ("Run the Python code the files opened here name (a model factory, a task, a "
+              "pickled module) for this call only. Code you named yourself before, or added "
+              "with `gct-surgery trust`, runs without it; a file is data otherwise.")
+
+
+def trust_source_option():
+    """``--trust-source``, the same in every command that opens files."""
+    return typer.Option(False, "--trust-source", help=TRUST_HELP)
+
 
 class StageKind(str, Enum):
     gates = "gates"  # only the gates train (and a new head)

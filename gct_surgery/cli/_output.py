@@ -26,8 +26,15 @@ def is_human() -> bool:
     return console.is_terminal
 
 
+def json_text(data: Any) -> str:
+    """Standard JSON (RFC 8259): a missing or non-finite number is null, never NaN."""
+    from ..train.verdict import json_safe  # numpy and scipy, no torch
+
+    return json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json_text(data) + "\n")
     sys.stdout.flush()
 
 

@@ -2,7 +2,7 @@
 elsewhere, nothing under --json."""
 from __future__ import annotations
 
-from ._output import console, info, is_human, labelled, plural, warn
+from ._output import console, info, is_human, labelled, plural, short_number, warn
 
 
 class Reporter:
@@ -83,6 +83,18 @@ class Reporter:
         warn(f"{self.title}{p.get('signal', 'SIGINT')}: stopped at stage {p['stage']}, epoch {p['epoch'] + 1}, "
              f"step {p['step']}; state saved. Continue with: gct-surgery finetune --resume "
              f"{p.get('comparison', p['run_dir'])}{whole}")
+
+    def on_seed_done(self, p: dict) -> None:
+        """A comparison's seed finished: its row, and under --seeds auto the look's verdict."""
+        self.title = ""
+        arms = ", ".join(f"{arm} {short_number(p[arm]) if p[arm] is not None else '-'}"
+                         for arm in ("gct", "control"))
+        line = f"seed {p['seed']} done: final {p['metric']} {arms}"
+        if p.get("verdict"):
+            line += f"; after {plural(p['seeds'], 'seed')}: {p['verdict']}"
+        if p.get("reason"):
+            line += f" ({p['reason']})"
+        self._say(line)
 
     def on_arm_done(self, p: dict) -> None:
         self._say(f"{self.title}finished before; its result is read from {p['run_dir']}/result.json")

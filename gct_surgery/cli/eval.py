@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._choices import GateImpl, Split
+from ._choices import GateImpl, Split, trust_source_option
 from ._output import print_json, print_kv, print_table, warn
 
 
@@ -27,16 +27,21 @@ def eval_(
     task: Optional[str] = typer.Option(None, help="module:object or file.py:object scoring a model that is not a classifier; default: the task the checkpoint was fine-tuned with, else classification."),
     class_map: Optional[Path] = typer.Option(None, help="timm class map fixing the class order, for a checkpoint that records no class names."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    trust_source: bool = trust_source_option(),
 ) -> None:
     """Evaluate a checkpoint on a split: loss and the task's metrics (for a classifier:
     top-1, top-5, per-class accuracy)."""
     from ..train.evaluate import evaluate_checkpoint
     from ..train.images import report_lines
 
+    from ..io.trust import trusting
+
     split = split.value
-    r = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size,
-                            workers=workers, threads=threads, device=device, img_size=img_size, strict=strict,
-                            impl=impl.value, task=task, class_map=str(class_map) if class_map else None)
+    with trusting(trust_source):
+        r = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size,
+                                workers=workers, threads=threads, device=device,
+                                img_size=img_size, strict=strict, impl=impl.value, task=task,
+                                class_map=str(class_map) if class_map else None)
     if json_out:
         print_json(r.to_dict())
         return

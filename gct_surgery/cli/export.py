@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ._app import app
+from ._choices import trust_source_option
 from ._output import info, print_json, print_kv, warn
 from .inject import parse_input_size
 
@@ -41,17 +42,21 @@ def export(
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     input_size: Optional[str] = typer.Option(None, help="Input size for the verification batch, e.g. 3,224,224."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled base module. Only for files you trust."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Let --base be a pickled module (runs its code)."),
+    trust_source: bool = trust_source_option(),
 ) -> None:
     """Export a checkpoint (full, gates-only, unloaded or folded; as safetensors, ONNX, a
     torch.export program or a timm folder). The export is reloaded and compared with the
     source before it is kept; a failed check writes nothing."""
     size = parse_input_size(input_size)
     from ..io.export import export as run_export
+    from ..io.trust import trusting
 
-    result = run_export(checkpoint, output, format=format.value if format else None,
-                        gates_only=gates_only, base=base, unload=unload, fold=fold,
-                        fold_tol=fold_tol, opset=opset, input_size=size, allow_pickle=allow_pickle)
+    with trusting(trust_source):
+        result = run_export(checkpoint, output, format=format.value if format else None,
+                            gates_only=gates_only, base=base, unload=unload, fold=fold,
+                            fold_tol=fold_tol, opset=opset, input_size=size,
+                            allow_pickle=allow_pickle)
     if json_out:
         print_json(result.to_dict())
         return

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import contextlib
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ._app import app, given_options
-from ._choices import Amp, GateImpl, MetricsFormat, StageKind
-from ._output import info, print_json, print_table, warn
+from ._choices import Amp, GateImpl, MetricsFormat, StageKind, trust_source_option
+from ._output import info, print_json, warn
 from ._reporter import Reporter
+
+
+COMPARE = "Did the gates help?"
+
+
+class Control(str, Enum):
+    static = "static"      # gamma held at 0: fixed per-channel scales
+    identity = "identity"  # gates removed
 
 
 @app.command()
@@ -41,9 +50,38 @@ def finetune(
     ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default: an averaging window of a tenth of the run's updates, within 0.9 to 0.9999, warmed up).", rich_help_panel="Training"),
     save_every: int = typer.Option(0, help="Also save a resumable state every N steps (0: after each epoch).", rich_help_panel="Run folder and faults"),
     task: Optional[str] = typer.Option(None, help="module:object or file.py:object giving datasets, loss and metrics for a model that is not a classifier.", rich_help_panel="Training"),
-    baseline: bool = typer.Option(False, "--baseline", help="Did the gates help? Also run a control: the same recipe, stages, head handling, seed and data order with the gates held at identity (removed); print GCT minus control with a 95% interval. Runs go to OUT/seed-S/{gct,control}.", rich_help_panel="Did the gates help?"),
-    seeds: int = typer.Option(1, help="With --baseline: run GCT and control for this many seeds (seed, seed+1, ...): the interval comes from their paired differences.", rich_help_panel="Did the gates help?"),
-    plain: bool = typer.Option(False, "--plain", help="With --baseline: also run the plain fine-tune you would otherwise run (every parameter, no gates, one full stage of the same total epochs) as a second reference.", rich_help_panel="Did the gates help?"),
+    baseline: bool = typer.Option(
+        False, "--baseline", rich_help_panel=COMPARE,
+        help="Did the gates help? Also run a control on the same budget (the same recipe, stages, "
+             "steps, learning rates, head handling, seed and data order; see --control); print "
+             "GCT minus control, paired image by image, with its interval and a conclusion. Runs "
+             "go to OUT/seed-S/{gct,control}."),
+    control: Control = typer.Option(
+        Control.static, rich_help_panel=COMPARE,
+        help="With --baseline: static (every gate's gamma held at 0: fixed per-channel scales "
+             "that train like GCT's gates and fold away at export) or identity (gates removed; "
+             "BatchNorm affine trains where only gates would)."),
+    seeds: str = typer.Option(
+        "1", metavar="N|auto", rich_help_panel=COMPARE,
+        help="With --baseline: a number of paired seeds (seed, seed+1, ...), or auto: add seeds, "
+             "at least 2, until the verdict is decided or --max-seeds (the error rate is spent "
+             "over the looks)."),
+    max_seeds: int = typer.Option(10, help="With --seeds auto: the most seeds to run.",
+                                  rich_help_panel=COMPARE),
+    resolution: Optional[float] = typer.Option(
+        None, show_default="per metric", rich_help_panel=COMPARE,
+        help="With --baseline: the smallest difference that matters (the equivalence bound). "
+             "Default: 0.5 points of top-1; docs/verdict.md lists the others."),
+    seed_index: Optional[int] = typer.Option(
+        None, rich_help_panel=COMPARE,
+        help="With --baseline: run only seed --seed + K into OUT/seed-S/ and nothing else (one "
+             "job of many, e.g. a Slurm array task; --seeds N: how many in all); then "
+             "gct-surgery verdict OUT."),
+    plain: bool = typer.Option(
+        False, "--plain", rich_help_panel=COMPARE,
+        help="With --baseline: also run the plain fine-tune you would otherwise run (every "
+             "parameter, no gates, one full stage of the same total epochs, the recipe's "
+             "BatchNorm handling and head learning rate) as a second reference."),
     metrics_format: MetricsFormat = typer.Option(MetricsFormat.csv, help="Format of the metrics file: metrics.csv or metrics.jsonl.", rich_help_panel="Run folder and faults"),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image, naming it, instead of skipping and counting it.", rich_help_panel="Run folder and faults"),
     skip_nonfinite: Optional[int] = typer.Option(None, help="Skip up to N batches whose loss is NaN or infinite before stopping (default 0; may be raised with --resume).", rich_help_panel="Run folder and faults"),
@@ -67,6 +105,7 @@ def finetune(
     hflip: Optional[float] = typer.Option(None, help="Horizontal flip probability (default 0.5; 0 for text or asymmetric images).", rich_help_panel="Data"),
     color_jitter: Optional[float] = typer.Option(None, help="Colour jitter strength (default 0.1; timm's from-scratch 0.4; 0: off).", rich_help_panel="Data"),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable result."),
+    trust_source: bool = trust_source_option(),
 ) -> None:
     """Fine-tune a gated checkpoint in stages: gates first, everything else frozen, then everything.
 
@@ -82,9 +121,13 @@ def finetune(
             raise typer.BadParameter("give the run folder", param_hint="--out")
         if stage is not None and recipe is not None:
             raise typer.BadParameter("give --stage or --recipe, not both", param_hint="--stage")
-    if (seeds != 1 or plain) and not baseline:
-        raise typer.BadParameter("--seeds and --plain go with --baseline", param_hint="--seeds")
-    from ..train.compare import compare, is_comparison, resume_comparison
+    comparing = {"--seeds": seeds != "1", "--plain": plain, "--seed-index": seed_index is not None,
+                 "--control": control != Control.static, "--resolution": resolution is not None}
+    if not baseline and any(comparing.values()):
+        given = next(k for k, v in comparing.items() if v)
+        raise typer.BadParameter(f"{given} goes with --baseline", param_hint=given)
+    n_seeds = _seeds(seeds, given=ctx.get_parameter_source("seeds").name == "COMMANDLINE",
+                     one_job=seed_index is not None)
     from ..train.config import RESUMABLE, TrainConfig
     from ..train.faults import Interrupted
     from ..train.lock import replace_run
@@ -92,15 +135,25 @@ def finetune(
     from ..train.overrides import override_stages
     from ..train.recipe import default_recipe, load_recipe
 
+    from ..io.trust import trusting
+
     reporter = Reporter(quiet=json_out)
+    consent = contextlib.ExitStack()
+    consent.enter_context(trusting(trust_source))
     try:
         if resume is not None:  # a run, or a whole --baseline comparison (its verdict at the end)
+            from ..train.outputs import is_comparison
+
             baseline = is_comparison(resume)
-            again = resume_comparison if baseline else run_resume
+            if baseline:  # the verdict's statistics (scipy) load only for a comparison
+                from ..train.compare import resume_comparison as again
+            else:
+                again = run_resume
             result = again(resume, on_event=reporter, data=str(data) if data else None,
                            strict=True if strict else None, skip_nonfinite=skip_nonfinite,
                            epochs=_resume_epochs(epochs),
-                           fixed=given_options(ctx, besides={*RESUMABLE, "resume", "json_out"}))
+                           fixed=given_options(ctx, besides={*RESUMABLE, "resume", "json_out",
+                                                             "trust_source"}))
         else:
             chosen = load_recipe(recipe) if recipe is not None else default_recipe()
             if stage is not None:
@@ -122,23 +175,29 @@ def finetune(
                                  class_map=str(class_map) if class_map else None,
                                  **{k: v for k, v in (('crop_scale', crop_scale), ('hflip', hflip),
                                                       ('color_jitter', color_jitter)) if v is not None})
-            if force:
-                replace_run(out)
+            if force:  # a --seed-index job replaces its own seed only: the others may be running
+                replace_run(out if seed_index is None else out / f"seed-{seed + seed_index}")
             if baseline:
-                result = compare(checkpoint, chosen, config, seeds=seeds, plain=plain, on_event=reporter)
+                from ..train.compare import compare
+
+                result = compare(checkpoint, chosen, config, seeds=n_seeds, max_seeds=max_seeds,
+                                 plain=plain, control=control.value, resolution=resolution,
+                                 seed_index=seed_index, on_event=reporter)
             else:
                 result = run_finetune(checkpoint, chosen, config, on_event=reporter)
         reporter.close()
     except Interrupted as e:  # the state is on disk; the Reporter said how to resume
         reporter.close()
         if e.hard and _rank() == 0:  # a second signal: say what stopped and what is on disk
-            whole = f"; the whole comparison continues with --resume {resume or out}" if baseline else ""
+            target = resume or (out if seed_index is None else out / f"seed-{seed + seed_index}")
+            whole = f"; the whole comparison continues with --resume {target}" if baseline else ""
             warn(f"{e}{whole}")
         if json_out and _rank() == 0:
             with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
                 print_json({"interrupted": True, "signal": e.signum, "run_dir": str(resume or out)})
         raise typer.Exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     finally:
+        consent.close()
         reporter.close()
         distributed.cleanup()
 
@@ -147,7 +206,9 @@ def finetune(
     if json_out:
         print_json(result.to_dict())
     elif baseline:
-        _print_comparison(result)
+        from .verdict import print_comparison
+
+        print_comparison(result)
     else:
         _print_run(result)
 
@@ -165,26 +226,15 @@ def _print_run(result, label: str = "") -> None:
          f"(epoch {best.get('epoch')}, stage {best.get('stage')}); written to {result.run_dir}")
 
 
-def _print_comparison(comparison) -> None:
-    """Per seed, the final and best primary metric of each run, then the verdict."""
-    key = comparison.metric
-    rows = []
-    for runs in comparison.runs:
-        for arm in ("gct", "control", "plain"):
-            r = getattr(runs, arm)
-            if r is None:
-                continue
-            gates = next((s["max_abs_gamma"] for s in r.stages if "max_abs_gamma" in s), None)
-            rows.append([runs.seed, arm, (r.last or {}).get(key), (r.best or {}).get(key),
-                         max(s["trainable_params"] for s in r.stages) if r.stages else 0,
-                         "-" if gates is None else gates, r.seconds])
-    print_table(f"GCT against the same protocol without gates ({key}, final epoch)",
-                ["seed", "run", f"final {key}", f"best {key}", "trainable", "max |gamma|", "seconds"], rows)
-    v = comparison.verdict
-    info(v.text)
-    if comparison.plain_verdict is not None:
-        info(comparison.plain_verdict.text)
-    info(f"runs in {comparison.out}/seed-*/; comparison.json and metrics.png beside them")
+def _seeds(text: str, *, given: bool, one_job: bool) -> int | str | None:
+    """--seeds: a whole number or auto (None: a --seed-index job that did not say how many)."""
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text) if given or not one_job else None
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a whole number of seeds, or auto",
+                                 param_hint="--seeds") from None
 
 
 def _resume_epochs(epochs: str | None) -> int | None:

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from ._app import app
+from ._choices import trust_source_option
 from ._output import info, print_json, print_kv, print_table, warn
 
 SOURCE_HELP = ("timm:NAME, timm:hf-hub:ID, timm:local-dir:PATH, torchvision:NAME, path/to/file.py:factory, "
@@ -66,6 +67,7 @@ def inject(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling a whole-module file. A pickle runs code: only for files you trust."),
+    trust_source: bool = trust_source_option(),
 ) -> None:
     """Put a GCT gate in front of every selected convolution, check that the output is
     unchanged, and write a self-describing checkpoint."""
@@ -84,9 +86,12 @@ def inject(
         raise typer.BadParameter(str(e), param_hint="--mode") from None
     if output is None and not dry_run:
         output = default_output(source)  # before the work: an existing file is refused
-    opened = open_source(source, arch=arch, weights=str(weights) if weights else None,
-                         pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                         use_ema=use_ema, allow_pickle=allow_pickle)
+    from ..io.trust import trusting
+
+    with trusting(trust_source):
+        opened = open_source(source, arch=arch, weights=str(weights) if weights else None,
+                             pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                             use_ema=use_ema, allow_pickle=allow_pickle)
     model, meta = opened.model, opened.meta
 
     if dry_run:

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import info, print_json, print_table, short_number
+from ._choices import trust_source_option
+from ._output import info, json_text, print_json, print_table, short_number
 
 
 @app.command()
@@ -18,22 +19,24 @@ def inspect(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the plots to this PNG."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
     out_json: Optional[Path] = typer.Option(None, "--out-json", help="Also write the JSON rows to this file."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled base module. Only for files you trust."),
+    trust_source: bool = trust_source_option(),
 ) -> None:
     """Per-layer gate statistics (alpha, gamma, beta; competition vs cooperation) and,
     with --data, the gate values real images produce. See docs/inspect.md."""
     if max_images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--max-images")
-    import json
 
     from ..analysis import inspect_checkpoint
     from ..analysis import plot as write_plot
     from ..io.atomic import atomic_write_text
 
-    analysis = inspect_checkpoint(checkpoint, data=data, limit=max_images, allow_pickle=allow_pickle)
+    from ..io.trust import trusting
+
+    with trusting(trust_source):
+        analysis = inspect_checkpoint(checkpoint, data=data, limit=max_images)
     doc = analysis.to_dict()
     if out_json is not None:
-        atomic_write_text(out_json, json.dumps(doc, indent=2) + "\n")
+        atomic_write_text(out_json, json_text(doc) + "\n")
     if plot is not None:
         write_plot(analysis, plot)
     if json_out:

@@ -24,7 +24,9 @@ from ..errors import CheckpointError, SourceError
 from .checkpoint import is_gct_checkpoint, load_checkpoint, read_metadata, rebuild
 from .metadata import METADATA_KEY, CheckpointMeta
 from .safetensors_file import dedupe_shared, read_tensors, restore_aliases, save_tensors
+from .source_rules import resolve_hub
 from .sources import ModelSource, build_model, parse_source
+from .trust import require
 from .state_dicts import load_weights
 
 HASH_PREFIX = "sha256:"
@@ -67,22 +69,29 @@ def recorded_base(meta: CheckpointMeta) -> ModelSource:
             f"the checkpoint's base is {spec} with random initial weights, which cannot be "
             "rebuilt; pass --base SOURCE naming the base weights (e.g. a .safetensors file)")
     return ModelSource(spec, dict(meta.source.get("kwargs") or {}), weights=weights,
-                       pretrained=pretrained, use_ema=bool(event.get("use_ema")))
+                       pretrained=pretrained, use_ema=bool(event.get("use_ema")),
+                       root=meta.source.get("root"))
 
 
 def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | None = None, *,
-                 allow_pickle: bool = False) -> tuple[nn.Module, str]:
+                 allow_pickle: bool = False, named_by: str = "the gates-only file"
+                 ) -> tuple[nn.Module, str]:
     """The base model and a description of it, from a module, a SOURCE or the record.
 
     A plain state-dict file is read as weights for the checkpoint's architecture, so
-    ``--base resnet50.safetensors`` works without ``--arch``.
+    ``--base resnet50.safetensors`` works without ``--arch``. ``allow_pickle`` applies
+    to a ``base`` the user typed, never to a path the file records.
     """
     if isinstance(base, nn.Module):
         return base, "the given base model"
-    if base is None:
-        source = recorded_base(meta)
+    root = meta.source.get("root")
+    if base is None:  # the file names its base: its code needs consent, its weights are data
+        source = resolve_hub(recorded_base(meta), named_by)  # a local-dir: folder, offline
+        require(source.spec, root=root, named_by=named_by, what="base model code")
+        if source.kind == "pickle":  # the consented pickle holds its weights
+            source = replace(source, weights=None)
         where = source.weights or source.spec
-        return build_model(source, allow_pickle=allow_pickle), str(where)
+        return build_model(source, allow_pickle=source.kind == "pickle"), str(where)
     text = str(base)
     kind, location = parse_source(text)
     if kind == "file":
@@ -92,9 +101,10 @@ def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | Non
         if path.suffix == ".safetensors" and is_gct_checkpoint(path):
             if read_metadata(path).kind != "full":
                 raise CheckpointError(f"{path} is a gates-only file, not a base model")
-            return load_checkpoint(path, allow_pickle=allow_pickle).model, text
+            return load_checkpoint(path).model, text
         arch = _open_event(meta).get("source") or meta.source.get("spec")
         source = ModelSource(arch, dict(meta.source.get("kwargs") or {}), weights=text)
+        require(source.spec, root=root, named_by=named_by, what="base model code")
         return build_model(source, allow_pickle=allow_pickle), text
     source = ModelSource(text, dict(meta.source.get("kwargs") or {}))
     return build_model(source, allow_pickle=allow_pickle), text
@@ -139,7 +149,7 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
                               "with load(path)")
     if not meta.base_hash:
         raise CheckpointError(f"{gates} records no base_hash; it cannot be checked against a base")
-    base_model, base_name = resolve_base(meta, base, allow_pickle=allow_pickle)
+    base_model, base_name = resolve_base(meta, base, allow_pickle=allow_pickle, named_by=str(gates))
     state = base_state(base_model)
     found = base_hash(state)
     if found != meta.base_hash:
@@ -149,7 +159,7 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
             f"{base_name} is not the base {gates} was made for ({made_for}): base weights hash "
             f"{found[len(HASH_PREFIX):][:12]}, expected {meta.base_hash[len(HASH_PREFIX):][:12]}; "
             "pass the weights it was exported from as the base")
-    model = rebuild(meta, allow_pickle=allow_pickle)
+    model = rebuild(meta, named_by=str(gates))
     tensors = restore_aliases(read_tensors(gates), meta.aliases)
     expected = model.state_dict()
     merged = {k: v for k, v in state.items()

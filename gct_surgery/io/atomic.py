@@ -112,8 +112,9 @@ def make_folder(folder: str | os.PathLike, what: str = "folder") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``dest``; on success fsync it and rename it over ``dest``.
+def atomic_path(dest: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``dest``; on success fsync it and rename it over ``dest``
+    (with ``mode``, or the umask's default; a private file passes 0o600).
 
     On any error the temp file is removed, ``dest`` keeps its previous content, and a
     failed write is raised as a ``WriteError``.
@@ -134,7 +135,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         # mkstemp makes 0600, and a writer may replace the temp file with one of its own
         # (safetensors does): set the mode on whatever file is there now, once.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.chmod(tmp_path, mode if mode is not None else 0o666 & ~_umask())
         _fault_before_rename(dest, tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
@@ -200,13 +201,13 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(dest) as tmp:
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    with atomic_path(dest, mode) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(dest, text.encode("utf-8"))
+def atomic_write_text(dest: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(dest, text.encode("utf-8"), mode)
 
 
 # --- leftovers of killed writes -------------------------------------------------------

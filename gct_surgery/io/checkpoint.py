@@ -30,6 +30,7 @@ from .metadata import (CROP_MODES, INTERPOLATIONS, METADATA_KEY, PREPROCESSING_K
 from .safetensors_file import dedupe_shared, read_header, read_tensors, restore_aliases, save_tensors, sniff
 from .source_rules import check_recorded_source, recordable
 from .sources import ModelSource, build_model, model_data_config, parse_source
+from .trust import remember, require
 from .state_dicts import STATE_DICT_SUFFIXES, load_weights
 
 RECORD_ATTR = "_gct_record"  # the CheckpointMeta a model was loaded or saved with
@@ -150,6 +151,7 @@ def _own_record(model, source: Any) -> CheckpointMeta:
     base = build_model(src)  # imports a package, so recordable() can find its folder
     src = recordable(src)
     check_recorded_source(src.to_dict(), f"save(source={src.spec!r})")
+    remember(src.spec, src.root)  # the user named it: its files reopen without a flag
     _check_same_tensors(model, base, src.spec)
     if record is None:
         record = CheckpointMeta(source={}, gate={}, gated=[],
@@ -260,11 +262,13 @@ class LoadedCheckpoint:
     meta: CheckpointMeta
 
 
-def rebuild(meta: CheckpointMeta, *, allow_pickle: bool = False):
-    """Build the base model a checkpoint names and replay its injection (no weights)."""
+def rebuild(meta: CheckpointMeta, *, named_by: str = "the checkpoint"):
+    """Build the base model a checkpoint names and replay its injection (no weights).
+    Code the record names (a factory, ``pickle:``) runs only with the user's consent."""
     source = ModelSource.from_dict(meta.source)
     check_recorded_source(meta.source)  # read_metadata checked it; a meta made in memory may not be
-    model = build_model(source, allow_pickle=allow_pickle)
+    require(source.spec, root=source.root, named_by=named_by, what="model code")
+    model = build_model(source, allow_pickle=True)  # a recorded pickle: consented just above
     if meta.gated:
         try:
             gate = GateConfig(**meta.gate)
@@ -274,14 +278,14 @@ def rebuild(meta: CheckpointMeta, *, allow_pickle: bool = False):
     return model
 
 
-def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """Rebuild a model from a gct-surgery checkpoint and load its tensors strictly."""
     meta = read_metadata(path)
     if meta.kind != "full":
         raise CheckpointError(
             f"{path} is a gates-only file; apply it to its base with load(base=..., gates=...)")
     try:
-        model = rebuild(meta, allow_pickle=allow_pickle)
+        model = rebuild(meta, named_by=str(path))
     except SourceError as e:  # the model's code is missing here, or fails
         raise SourceError(f"{path}: cannot rebuild its model: {e}") from None
     tensors = restore_aliases(read_tensors(path), meta.aliases)

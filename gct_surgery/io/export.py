@@ -76,7 +76,7 @@ def export(
     if batch < 1:
         raise UserError("the verification batch needs at least 1 sample")
     output = Path(output)
-    loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta
     if format == "timm":  # before any work: timm must be able to build the architecture
         refuse_unless_timm(meta, checkpoint, output)

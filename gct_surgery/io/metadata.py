@@ -154,7 +154,7 @@ def _check_event(event: Any, path: str | os.PathLike) -> None:
         if source is not None:
             if not isinstance(source, str):
                 raise CheckpointError(f"{path}: metadata history 'open' source should be a string")
-            check_recorded_source({"spec": source}, str(path))
+            check_recorded_source({"spec": source}, str(path), base=True)
         weights = event.get("weights")
         if weights is not None and not isinstance(weights, str):
             raise CheckpointError(f"{path}: metadata history 'open' weights should be a path")

@@ -1,15 +1,14 @@
-"""Which model sources a checkpoint may record: a file is data, not permission to run code.
+"""Which model sources a checkpoint may record: plain names and plain values.
 
-A checkpoint is untrusted, yet its ``source`` names code that loading runs:
-``os:system`` with ``{"command": ...}`` would be a remote code execution through a
-.safetensors file. These rules are checked on every metadata document read
+A checkpoint is data. Its ``source`` says how to rebuild the base: ``timm:NAME`` or
+``torchvision:NAME`` with plain keyword arguments, which never name files or
+downloads, or code (a factory, ``pickle:PATH``), which runs only with the user's
+consent (``trust.require``). These rules are checked on every metadata document read
 (``metadata``) and before a recorded source is rebuilt (``checkpoint.rebuild``).
 See docs/security.md.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 import re
 import sys
@@ -18,26 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, SourceError
-from .sources import IDENTIFIER, ModelSource, parse_source
+from .sources import IDENTIFIER, ModelSource, parse_source, resolve_timm_hub
 
 # Builder arguments that make timm or torchvision read files or the network: a file
 # never gets to choose those.
 _LOADER_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
                             "checkpoint_path", "cache_dir", "weights", "weights_backbone"})
-# Packages whose functions a hostile file could name as a "factory" to run commands
-# or write files (besides the standard library and installed packages, refused by location).
-_NEVER_FACTORIES = frozenset({"gct_surgery", "torch", "torchvision", "timm", "numpy",
-                              "safetensors", "typer", "rich", "pip", "setuptools"})
+_MODEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"  # a registered name: no hub, no folder
 MAX_KWARG_INT = 2**20
 
 
-def check_recorded_source(source: Any, what: str = "checkpoint") -> None:
-    """Refuse a source recorded in a checkpoint that would run code the user did not write.
-
-    A recorded factory must live outside the Python installation (the user's own
-    ``file.py`` or package), and kwargs are plain values that cannot point a builder at
-    files. ``pickle:`` sources stay behind ``allow_pickle``.
-    """
+def check_recorded_source(source: Any, what: str = "checkpoint", *, base: bool = False) -> None:
+    """Refuse a recorded source that is not plain data: a model name that reaches a hub
+    or a folder, kwargs that name files or downloads or are not plain values. Code it
+    names (a factory, ``pickle:``) is checked for consent where it would run. A ``base``
+    (the source a model was first opened from) may be a ``timm:local-dir:`` folder: a
+    gates-only file rebuilds it from there, never from the network."""
     if not isinstance(source, dict) or not isinstance(source.get("spec"), str) or not source["spec"]:
         raise CheckpointError(f"{what}: metadata 'source.spec' should be a non-empty string")
     spec = source["spec"]
@@ -49,27 +44,42 @@ def check_recorded_source(source: Any, what: str = "checkpoint") -> None:
         raise CheckpointError(f"{what}: metadata source is invalid: {e}") from None
     if kind == "file":
         raise CheckpointError(f"{what}: metadata source {spec!r} names no architecture")
-    if kind == "factory":
-        _check_factory_origin(location, what)
+    named = re.fullmatch(_MODEL_NAME, location) or (
+        base and kind == "timm" and location.startswith("local-dir:/"))
+    if kind in ("timm", "torchvision") and not named:
+        raise CheckpointError(f"{what}: metadata source {spec!r:.80} is not a plain model name "
+                              "(a checkpoint may not name a hub, a folder or a download)")
     _check_root(source.get("root"), kind, location, what)
-    kwargs = source.get("kwargs", {})
-    if kwargs is None:
-        kwargs = {}
+    check_plain_kwargs(source.get("kwargs") or {}, what)
+
+
+def check_plain_kwargs(kwargs: Any, what: str) -> None:
+    """Builder arguments a file chose: plain values that never name files or downloads."""
     if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{what}: metadata 'source.kwargs' should be an object")
+        raise CheckpointError(f"{what}: the builder arguments should be an object")
     for key, value in kwargs.items():
         if not re.fullmatch(IDENTIFIER, key) or key in _LOADER_KWARGS:
-            raise CheckpointError(f"{what}: metadata source argument {key!r} is not allowed "
-                                  "(a checkpoint may not name files or downloads to load)")
+            raise CheckpointError(f"{what}: builder argument {key!r} is not allowed "
+                                  "(a file may not name files or downloads to load)")
         if not _plain_kwarg(value):
-            raise CheckpointError(f"{what}: metadata source argument {key}={value!r:.60} is not "
+            raise CheckpointError(f"{what}: builder argument {key}={value!r:.60} is not "
                                   f"a plain value (bool, int within ±{MAX_KWARG_INT}, finite "
                                   "float, short string, or a short list of these)")
 
 
+def resolve_hub(source: ModelSource, what: str) -> ModelSource:
+    """A ``timm:hf-hub:``/``local-dir:`` source resolved to its architecture (timm's own
+    config reader); the builder arguments its config.json chose are a file's choice,
+    held to the plain-value rule."""
+    resolved = resolve_timm_hub(source)
+    if resolved is not source:
+        check_plain_kwargs(resolved.kwargs, f"{what} (config.json model_args)")
+    return resolved
+
+
 def _check_root(root: Any, kind: str, location: str, what: str) -> None:
     """``source.root``: the folder a ``package.module:factory`` was found in, put on the
-    import path to rebuild it. An absolute folder outside the Python installation."""
+    import path to rebuild it: an absolute folder."""
     if root is None:
         return
     if kind != "factory" or location.rpartition(":")[0].endswith(".py"):
@@ -77,13 +87,6 @@ def _check_root(root: Any, kind: str, location: str, what: str) -> None:
                               "package.module:factory source")
     if not isinstance(root, str) or not 0 < len(root) <= 4096 or not Path(root).is_absolute():
         raise CheckpointError(f"{what}: metadata 'source.root' should be an absolute folder path")
-    try:
-        resolved = Path(root).resolve()
-    except (OSError, RuntimeError, ValueError):
-        raise CheckpointError(f"{what}: metadata 'source.root' {root!r:.80} is invalid") from None
-    if any(_inside(resolved, d) for d in _installation_dirs()):
-        raise CheckpointError(f"{what}: metadata 'source.root' {root!r:.80} is inside the Python "
-                              "installation; a checkpoint may only name your own model code")
 
 
 def recordable(source: ModelSource) -> ModelSource:
@@ -100,8 +103,8 @@ def recordable(source: ModelSource) -> ModelSource:
 
 
 def import_root(module_ref: str) -> str | None:
-    """The folder an imported user package (or module) was found in; None when it is
-    not imported or is installed (importable from anywhere)."""
+    """The folder an imported package (or module) was found in; None when it is not
+    imported."""
     module = sys.modules.get(module_ref.split(".")[0])
     if module is None:
         return None
@@ -112,8 +115,6 @@ def import_root(module_ref: str) -> str | None:
     elif file:
         folder = Path(file).resolve().parent
     else:
-        return None
-    if any(_inside(folder, d) for d in _installation_dirs()):
         return None
     return str(folder)
 
@@ -130,54 +131,3 @@ def _plain_kwarg(value: Any, depth: int = 0) -> bool:
     if isinstance(value, list) and depth == 0:
         return len(value) <= 64 and all(_plain_kwarg(v, 1) for v in value)
     return False
-
-
-def _check_factory_origin(location: str, what: str) -> None:
-    module_ref, _, attr = location.rpartition(":")
-    refusal = (f"{what}: metadata names the factory {location!r} in {{where}}; a checkpoint "
-               "may only name your own model code (a file.py:factory or package outside the "
-               "Python installation), since loading calls it")
-    if attr.startswith("_"):
-        raise CheckpointError(refusal.format(where="a private name"))
-    if module_ref.endswith(".py"):
-        try:
-            resolved = Path(module_ref).resolve()
-        except (OSError, RuntimeError, ValueError):
-            raise CheckpointError(f"{what}: metadata factory path {module_ref!r} is invalid") from None
-        if any(_inside(resolved, d) for d in _installation_dirs()):
-            raise CheckpointError(refusal.format(where="the Python installation"))
-        return
-    top = module_ref.split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        raise CheckpointError(refusal.format(where="the standard library"))
-    if top in _NEVER_FACTORIES:
-        raise CheckpointError(refusal.format(where=f"the {top} package"))
-    try:
-        found = importlib.util.find_spec(top)  # a top-level name: located, not imported
-    except (ImportError, ValueError):
-        found = None
-    places = [found.origin] if found is not None and found.origin else []
-    if found is not None and found.submodule_search_locations:
-        places += list(found.submodule_search_locations)
-    for place in places:
-        if place and any(_inside(Path(place).resolve(), d) for d in _installation_dirs()):
-            raise CheckpointError(refusal.format(where="an installed package"))
-
-
-@functools.lru_cache(maxsize=1)
-def _installation_dirs() -> tuple[Path, ...]:
-    """The standard library and site-packages folders of this interpreter."""
-    import site
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    dirs = [paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
-    try:
-        dirs += site.getsitepackages() + [site.getusersitepackages()]
-    except AttributeError:  # some embedded interpreters lack these
-        pass
-    return tuple(Path(d).resolve() for d in dirs if d)
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents

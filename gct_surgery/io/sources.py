@@ -25,6 +25,7 @@ string names; ``build_model`` builds it. Which sources a checkpoint may record i
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -33,7 +34,7 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -275,8 +276,10 @@ def import_object(location: str, what: str = "SOURCE", error: type = SourceError
 
     Imported as a script would be: a file with its own folder first on the import path
     (its neighbours import), a package from ``root`` (recorded in a checkpoint) or else
-    the current folder. Shared by factory sources and ``--task``; ``error`` is the
-    UserError kind to raise.
+    the current folder; the import path is restored afterwards, so no later import
+    resolves from that folder. Shared by factory sources and ``--task``; ``error`` is
+    the UserError kind to raise. Whether code a *file* names may run at all is
+    ``trust.require``'s question, asked before this.
     """
     module_ref, _, attr = location.rpartition(":")
     if module_ref.endswith(".py"):
@@ -285,13 +288,13 @@ def import_object(location: str, what: str = "SOURCE", error: type = SourceError
             raise error(f"{what}: no such file: {path}" + (
                 "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"))
         folder = str(path.resolve().parent)
-        _on_import_path(folder)
         mod_name = f"gct_user_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
         try:
-            spec.loader.exec_module(module)
+            with on_import_path(folder):
+                spec.loader.exec_module(module)
         except Exception as e:
             sys.modules.pop(mod_name, None)
             hint = (f" (looked beside it in {folder} and on the import path)"
@@ -300,9 +303,9 @@ def import_object(location: str, what: str = "SOURCE", error: type = SourceError
                         f"{first_line(e)}{hint}") from None
     else:
         folder = root or os.getcwd()
-        _on_import_path(folder)
         try:
-            module = importlib.import_module(module_ref)
+            with on_import_path(folder):
+                module = importlib.import_module(module_ref)
         except ImportError as e:
             where = (f"the checkpoint recorded it in {root}: put {module_ref.split('.')[0]} "
                      "there, or rebuild where it is importable" if root else
@@ -317,10 +320,27 @@ def import_object(location: str, what: str = "SOURCE", error: type = SourceError
     return obj
 
 
-def _on_import_path(folder: str) -> None:
-    """Put ``folder`` first on the import path, as Python does for a script's folder."""
-    if folder not in sys.path:
+def code_folder(location: str, root: str | None = None) -> str:
+    """The folder a factory's module is imported from (its neighbours import from it)."""
+    module_ref = location.rpartition(":")[0]
+    if module_ref.endswith(".py"):
+        return str(Path(module_ref).resolve().parent)
+    return root or os.getcwd()
+
+
+@contextlib.contextmanager
+def on_import_path(folder: str) -> Iterator[None]:
+    """``folder`` first on the import path, as Python does for a script's folder, for the
+    time of the block only."""
+    added = folder not in sys.path
+    if added:
         sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
 
 
 def _build_factory(location: str, kwargs: dict, root: str | None = None) -> nn.Module:
@@ -328,7 +348,8 @@ def _build_factory(location: str, kwargs: dict, root: str | None = None) -> nn.M
     if not callable(factory):
         raise SourceError(f"{location} is not callable")
     try:
-        model = factory(**kwargs)
+        with on_import_path(code_folder(location, root)):  # a factory's own lazy imports
+            model = factory(**kwargs)
     except Exception as e:  # the user's code, called with the user's (or a file's) kwargs
         raise SourceError(f"{location}({_kwargs_text(kwargs)}) failed: "
                           f"{type(e).__name__}: {first_line(e)[:200]}") from None

@@ -67,6 +67,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_flag(flag: bool) -> bool:
     """True on every rank if any rank says True (e.g. Ctrl-C seen by one of them)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -16,7 +16,7 @@ from . import distributed
 from .device import autocast, batch_size_of, to_device
 from .evaluate import evaluate
 from .faults import NonFiniteLossError, fault_hook, nonfinite_loss, nonfinite_weight, stop_run, writing
-from .outputs import write_metrics
+from .outputs import PER_IMAGE, write_metrics, write_per_image
 from .progress import write_state
 from .regularize import regularizer_for
 from .run import Run
@@ -136,10 +136,11 @@ def epoch_zero(run: Run) -> None:
     run.emit("epoch_end", row=row, improved=False)
 
 
-def _validate(run: Run, model: nn.Module) -> dict:
+def _validate(run: Run, model: nn.Module, per_image: bool = False) -> dict:
     return evaluate(model, run.val_set, run.task, run.device, amp=run.config.amp,
                     batch_size=run.per_rank_batch, workers=run.machine.workers, ctx=run.dist,
-                    report=run.progress.data_report, strict=run.config.strict)
+                    report=run.progress.data_report, strict=run.config.strict,
+                    per_image=per_image)
 
 
 def _row(run: Run, epoch: int, stage: str, metrics: dict, *, train_loss: float,
@@ -161,11 +162,13 @@ def _lrs(optimizer) -> tuple[float, float]:
     return own, lrs.get("base_decay", lrs.get("base_no_decay", float("nan")))
 
 
-def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler, *, unchanged: bool = False) -> None:
+def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
     """Validate, record the row, write last/best/metrics, then the train state.
-    ``unchanged``: nothing trained (a control's gates stage), so the last row's metrics
-    still hold and are not measured again."""
+    The run's final epoch also keeps the task's per-image results (``per_image.safetensors``,
+    what ``--baseline``'s verdict pairs image by image)."""
     progress = run.progress
+    final = (progress.stage_index == len(run.recipe.stages) - 1
+             and progress.epoch == stage.epochs - 1)
     bad = nonfinite_weight(run.model)
     if bad is not None:  # a finite loss whose update overflowed: never save such weights
         raise NonFiniteLossError(
@@ -173,23 +176,21 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler, *, unchanged
             f"(first: {bad}); nothing of this epoch was written, {run.run_dir} holds the last "
             "good save. Lower the learning rate")
     eval_model = run.ema.module if run.ema is not None else run.model
-    if unchanged:
-        last = progress.rows[-1]
-        metrics = {"loss": last["val_loss"], **{k: last[k] for k in run.task.metric_names}}
-    else:
-        metrics = _validate(run, eval_model)
+    metrics = _validate(run, eval_model, per_image=final)
     sums = progress.epoch_sums
     loss_sum, n = distributed.all_reduce_sum(
         torch.tensor([sums.loss_sum, sums.samples], dtype=torch.float64)).tolist()
     row = _row(run, progress.rows[-1]["epoch"] + 1, stage.name, metrics,
                train_loss=loss_sum / n if n else float("nan"),
-               lrs=(float("nan"),) * 2 if unchanged else (progress.last_lr, progress.last_base_lr),
+               lrs=(progress.last_lr, progress.last_base_lr),
                seconds=sums.seconds, images=n)
     improved = progress.add_row(row, run.task.primary_metric, run.task.higher_is_better)
     progress.finish_epoch()
     if run.dist.is_main:
+        from .verdict import json_safe  # scipy: imported when first needed
+
         meta = run.meta.with_event("finetune", stage=stage.to_dict(), epochs_completed=progress.epoch,
-                                   metrics=row)
+                                   metrics=json_safe(row))
         hint = run.resume_hint
         files = [("last.safetensors", run.model)]
         if run.ema is not None:  # the average that was validated, beside the raw weights
@@ -201,6 +202,9 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler, *, unchanged
                 save(model, run.run_dir / name, meta)
         with writing(run.run_dir / f"metrics.{run.config.metrics_format}", hint):
             write_metrics(run.run_dir, progress.rows, run.config.metrics_format)
+        if "per_image" in metrics:
+            with writing(run.run_dir / PER_IMAGE, hint):
+                write_per_image(run.run_dir, metrics["per_image"], run.task.primary_metric)
     save_state(run, optimizer, scheduler, scaler)
     run.emit("epoch_end", row=row, improved=improved)
     if run.stop is not None and distributed.broadcast_flag(run.stop.requested):

@@ -31,9 +31,14 @@ from .task import ClassificationTask, Task, TaskError, has_breakdown, load_task
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp: str = "off",
              batch_size: int = 64, workers: int = 0, ctx: distributed.Dist = distributed.Dist(),
-             report=None, strict: bool = False, breakdown: bool = False) -> dict:
+             report=None, strict: bool = False, breakdown: bool = False,
+             per_image: bool = False) -> dict:
     """Loss and the task's metrics over ``dataset``, exact across ranks: a dict with
     ``loss``, ``samples`` and each of ``task.metric_names``.
+
+    ``per_image=True`` adds ``per_image``, the task's per-image rows (``task.per_image``,
+    when it has one) in dataset order, gathered from every rank (unreadable images left
+    out), as a float64 CPU tensor.
 
     ``breakdown=True`` adds ``breakdown``, the task's table rows, when the task has the
     hook (every rank must see at least one batch). Unreadable images are dropped and
@@ -47,6 +52,8 @@ def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp
     sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss*n, n, metrics...
     by_group = breakdown and has_breakdown(task)
     group_sums: dict[str, torch.Tensor] = {}
+    keep = per_image and callable(getattr(task, "per_image", None))
+    kept: list[tuple[list[int], torch.Tensor]] = []
     with evaluating(model):
         for x, y in loader:
             x, y = to_device(x, device), to_device(y, device)
@@ -56,6 +63,9 @@ def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp
             batch = task.metric_sums(out, y)
             sums += torch.tensor([task.loss(out, y).item() * n, n, *(batch[k] for k in names)],
                                  dtype=torch.float64)
+            if keep:
+                values = task.per_image(out, y).detach().to("cpu", torch.float64)
+                kept.append((loader.batch_indices, values))
             if by_group:
                 for key, value in task.breakdown_sums(out, y).items():
                     value = value.detach().to("cpu", torch.float64)
@@ -67,7 +77,19 @@ def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp
     if by_group:
         totals = {k: distributed.all_reduce_sum(group_sums[k]) for k in sorted(group_sums)}
         result["breakdown"] = task.breakdown(totals)
+    if keep:
+        result["per_image"] = _in_order(kept)
     return result
+
+
+def _in_order(kept: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """Every rank's per-image rows, in dataset order (an index met twice counts once)."""
+    pairs = [(i, row) for part in distributed.all_gather_objects(kept)
+             for indices, values in part for i, row in zip(indices, values)]
+    rows = dict(pairs)  # one row per index, however often a padded shard met it
+    if not rows:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([rows[i] for i in sorted(rows)])
 
 
 @dataclass
@@ -161,11 +183,11 @@ def recorded_task(meta: CheckpointMeta, where: str = "checkpoint") -> str | None
     """The ``--task`` the checkpoint was last fine-tuned with (its last ``recipe``
     event), or None for classification.
 
-    A checkpoint is untrusted data and a task is code that gets imported, so the spec
-    must pass the same check as a recorded model factory: the user's own code only.
+    A checkpoint is untrusted data and a task is code that gets imported, so it runs
+    only with the user's consent, like a recorded model factory (``trust``).
     """
-    from ..io.source_rules import check_recorded_source
     from ..io.sources import parse_source
+    from ..io.trust import require
 
     recipes = [e for e in meta.history if isinstance(e, dict) and e.get("action") == "recipe"]
     config = recipes[-1].get("config") if recipes else None
@@ -175,10 +197,7 @@ def recorded_task(meta: CheckpointMeta, where: str = "checkpoint") -> str | None
     if not isinstance(spec, str) or parse_source(spec)[0] != "factory":
         raise TaskError(f"{where}: the recorded task {spec!r:.80} is not a module:object name; "
                         "pass --task to name the task yourself")
-    try:
-        check_recorded_source({"spec": spec}, where)
-    except UserError as e:
-        raise TaskError(f"{e}; pass --task to name the task yourself") from None
+    require(spec, named_by=where, what="a task")
     return spec
 
 
@@ -186,6 +205,9 @@ def _task_for(checkpoint: str | Path, meta: CheckpointMeta, requested: str | Non
     """The task's name and the task: ``requested``, else the recorded one, else
     classification."""
     if requested is not None:
+        from ..io.trust import remember
+
+        remember(requested)  # the user named it
         return requested, load_task(requested)
     spec = recorded_task(meta, str(checkpoint))
     if spec is None:

@@ -106,8 +106,9 @@ class ResumableSampler(DistributedSampler):
 
 
 class _Reported(Dataset):
-    """Items ``(sample, skipped, found)``: what ``ImageFolderDataset.load`` gives, and for
-    any other dataset (a ``--task``'s) the sample with nothing skipped.
+    """Items ``(sample, skipped, found, index)``: what ``ImageFolderDataset.load`` gives,
+    and for any other dataset (a ``--task``'s) the sample with nothing skipped; ``index``
+    is the sample's place in the dataset (evaluation's per-image results keep its order).
 
     Training replaces a bad sample by a readable one of its class, drawn from ``seed``,
     ``epoch`` and the index (every batch keeps its size, so every rank and a resumed
@@ -152,19 +153,21 @@ class _Reported(Dataset):
             self.enter_epoch(epoch, worker_seed)
         j = self.indices[i] if self.indices is not None else i
         if isinstance(self.dataset, ImageFolderDataset):
-            return self.dataset.load(j, replace=self.replace, epoch=self.epoch, seed=self.seed)
-        return self.dataset[j], [], []
+            return *self.dataset.load(j, replace=self.replace, epoch=self.epoch, seed=self.seed), j
+        return self.dataset[j], [], [], j
 
 
-def collate_reported(items: list) -> tuple[Any, list, list]:
-    """torch's default collate of the samples, and the bad files, passed alongside
-    (this runs in the worker process; the batch carries the count home)."""
+def collate_reported(items: list) -> tuple[Any, list, list, list]:
+    """torch's default collate of the samples, and the bad files and the kept samples'
+    dataset indices, passed alongside (this runs in the worker process; the batch carries
+    the count home)."""
     from torch.utils.data import default_collate
 
-    skipped = [s for _, sk, _ in items for s in sk]
-    found = [f for _, _, fd in items for f in fd]
-    samples = [sample for sample, _, _ in items if sample is not None]
-    return (default_collate(samples) if samples else None), skipped, found
+    skipped = [s for _, sk, _, _ in items for s in sk]
+    found = [f for _, _, fd, _ in items for f in fd]
+    kept = [(sample, j) for sample, _, _, j in items if sample is not None]
+    batch = default_collate([sample for sample, _ in kept]) if kept else None
+    return batch, skipped, found, [j for _, j in kept]
 
 
 def _worker_init(worker_id: int) -> None:
@@ -196,6 +199,7 @@ class ReportingLoader(DataLoader):
         self.strict = strict
         self.on_bad = on_bad
         self._synced = -1
+        self.batch_indices: list[int] = []
         self._bad_per_class: dict[int, int] = {}
 
     def _images(self) -> ImageFolderDataset | None:
@@ -217,7 +221,7 @@ class ReportingLoader(DataLoader):
     def __iter__(self):
         self._sync()
         yielded, tried = False, []
-        for batch, skipped, found in super().__iter__():
+        for batch, skipped, found, indices in super().__iter__():
             if skipped or found:
                 if self.strict:
                     raise strict_error(*(skipped or found)[0][:2])
@@ -236,6 +240,7 @@ class ReportingLoader(DataLoader):
                 tried += [(p, r) for p, r, _ in skipped]
                 continue
             yielded = True
+            self.batch_indices = indices  # the dataset indices of the batch being yielded
             yield batch
         if tried and not yielded:
             raise self._nothing_readable(tried)

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from ..io.atomic import WriteError, make_folder
 from .faults import RunError
-from .outputs import COMPARISON_PLAN
+from .outputs import COMPARISON_PLAN, SEED_PLAN
 from .progress import STATE_FILE
 
 try:
@@ -103,13 +103,13 @@ def new_run(folder: str | os.PathLike) -> Iterator[Path]:
         if (folder / STATE_FILE).exists():
             raise RunError(f"{folder} already holds a run; resume it with --resume {folder} "
                            "or choose another --out")
-        if (folder / COMPARISON_PLAN).exists():
+        if (folder / COMPARISON_PLAN).exists() or (folder / SEED_PLAN).exists():
             raise RunError(f"{folder} holds a comparison (--baseline); continue it with "
                            f"--resume {folder} or choose another --out")
         yield folder
 
 
-RUN_MARKERS = ("run.json", STATE_FILE, COMPARISON_PLAN)  # what makes a folder a run's
+RUN_MARKERS = ("run.json", STATE_FILE, COMPARISON_PLAN, SEED_PLAN)  # what makes a folder a run's
 
 
 def replace_run(folder: str | os.PathLike) -> None:

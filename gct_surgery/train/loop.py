@@ -39,6 +39,7 @@ from ..core.heads import model_num_classes, replace_head
 from ..errors import UserError
 from ..io.checkpoint import rebuild
 from ..io.metadata import CheckpointMeta
+from ..io.trust import remember, require
 from . import distributed, lock, machine
 from .config import RunResult, TrainConfig, ema_decay_for, resume_overrides
 from .epoch import end_epoch, epoch_zero, train_one_epoch
@@ -48,7 +49,8 @@ from .progress import (STATE_FILE, Progress, gather_data_report, read_state, sca
                        seed_everything, set_rng_state)
 from .recipe import Recipe
 from .run import Event, Run
-from .stages import Stage, freeze_for_stage, make_optimizer, make_scheduler
+from .stages import (Stage, freeze_for_stage, hold_gamma, make_optimizer, make_scheduler,
+                     trained_words)
 from .task import Task, load_task
 from .world import check_world, count_steps, data_record, load_for_training, with_drop_path
 
@@ -61,6 +63,7 @@ def log_event(kind: str, info: dict) -> None:
 def finetune(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *,
              on_event: Event | None = None) -> RunResult:
     """Fine-tune a gct-surgery checkpoint through every stage of ``recipe``."""
+    remember(config.task)  # a task the caller chose; a resume's recorded one asks first
     with lock.new_run(config.out):  # one process per run folder, for the whole run
         loaded = load_for_training(checkpoint)
         return run_recipe(loaded.model, loaded.meta, recipe, config, on_event or log_event,
@@ -85,12 +88,13 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
         if epochs is not None:
             extend_run(run_dir, state, epochs)
         config, recipe, source = read_run_info(run_dir, overrides)
+        require(config.task, named_by=str(run_dir / "run.json"), what="a task")
         fit_scheduler(state, recipe, steps_per_epoch(run_dir))
         meta = CheckpointMeta.from_json(state["meta"], run_dir / STATE_FILE)
         if epochs is not None:
             meta = meta.with_event("extend", epochs=epochs, recipe=recipe.to_dict())
-        return run_recipe(rebuild(meta), meta, recipe, config, on_event or log_event, state=state,
-                          source=source)
+        return run_recipe(rebuild(meta, named_by=str(run_dir)), meta, recipe, config,
+                          on_event or log_event, state=state, source=source)
 
 
 def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: TrainConfig,
@@ -137,6 +141,8 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
                                checkpoint=source, world_size=ctx.world_size)
     if callable(getattr(task, "check_model", None)):
         task.check_model(model)
+    if config.arm != "gct":  # a comparison's control: its gates (if any) are static scales
+        hold_gamma(model)
     set_gate_impl(model, config.impl)
     model.to(device)
     if config.channels_last:
@@ -217,19 +223,19 @@ def run_stage(run: Run, stage: Stage) -> None:
     """Freeze for the stage, build a fresh optimizer and scheduler, train its epochs."""
     model, cfg, progress = run.model, run.config, run.progress
     if progress.epoch == 0 and progress.step_in_epoch == 0:
-        # Each stage draws its augmentation from its own seed, so a stage of a control
-        # run that trains nothing leaves the next stage's randomness as GCT's.
+        # Each stage draws its augmentation from its own seed: every arm of a comparison
+        # sees the same randomness in every stage.
         seed_everything(cfg.seed * 100 + progress.stage_index + 1)
-    trainable = freeze_for_stage(model, stage, allow_empty=cfg.arm != "gct")
+    trainable = freeze_for_stage(model, stage, allow_empty=cfg.arm == "control")
+    if trainable == 0:  # an identity control (gates removed) where only gates trained:
+        # BatchNorm's affine trains at the base lr instead, so the steps match GCT's.
+        stage = replace(stage, train_bn=True, lr=stage.effective_base_lr)
+        trainable = freeze_for_stage(model, stage, allow_empty=True)
+        if trainable == 0:
+            raise UserError(f"the identity control has nothing to train in stage {stage.name!r} "
+                            "(no gates, new head or BatchNorm): use --control static")
     progress.trainable_max = max(progress.trainable_max, trainable)
     steps_per_epoch = _steps_per_epoch(run, stage)
-    if trainable == 0:  # a control's gates stage: nothing can change, the rows repeat
-        run.emit("stage_start", stage=stage.name, kind=stage.kind, epochs=stage.epochs,
-                 steps_per_epoch=0, trainable=0, epoch=progress.epoch, step=0)
-        while progress.epoch < stage.epochs:
-            end_epoch(run, stage, None, None, None, unchanged=True)
-        _finish_stage(run, stage, trainable)
-        return
     optimizer = make_optimizer(model, stage)
     scheduler = make_scheduler(optimizer, stage, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
@@ -283,15 +289,20 @@ def _steps_per_epoch(run: Run, stage: Stage) -> int:
 def _finish_stage(run: Run, stage: Stage, trainable: int) -> None:
     """Record what the stage trained and how far the gates moved (the run reports it)."""
     from ..core.movement import gate_movement
+    from .verdict import json_safe  # scipy: imported when first needed
 
     progress = run.progress
-    summary = {"name": stage.name, "kind": stage.kind, "trainable_params": trainable}
     movement = gate_movement(run.model)
+    trained = trained_words(run.model, stage, gamma_held=run.config.arm != "gct")
+    summary = {"name": stage.name, "kind": stage.kind, "trained": trained,
+               "trainable_params": trainable, "steps": progress.stage_step,
+               "max_abs_gamma": movement.max_abs_gamma if movement.gates else None}
     if movement.gates:
-        summary.update(max_abs_gamma=movement.max_abs_gamma, gates=movement.to_dict())
+        summary["gates"] = movement.to_dict()
     progress.stages.append(summary)
     run.meta = run.meta.with_event("finetune", stage=stage.to_dict(), epochs=stage.epochs,
-                                   best=progress.best, last=progress.rows[-1] if progress.rows else None)
+                                   best=json_safe(progress.best),
+                                   last=json_safe(progress.rows[-1] if progress.rows else None))
     run.emit("stage_end", stage=stage.name, summary=summary)
 
 

@@ -1,6 +1,8 @@
 """The files of a run folder besides the checkpoints and ``state.pt``: ``metrics.csv``
-(or ``.jsonl``), ``metrics.png``, ``run.json`` and ``recipe.json``. Every one is
-written atomically, and rewritten whole, so a resumed run never duplicates rows."""
+(or ``.jsonl``), ``metrics.png``, ``run.json``, ``recipe.json`` and the final epoch's
+``per_image.safetensors``; and a comparison's plans and results. Every one is written
+atomically, and rewritten whole, so a resumed run never duplicates rows; every JSON is
+standard JSON (``strict_json``: a missing or non-finite number is null)."""
 from __future__ import annotations
 
 import csv
@@ -22,15 +24,15 @@ from .recipe import Recipe, recipe_from_dict
 
 _logger = logging.getLogger(__name__)
 
-RUN_FILES = ("last.safetensors", "best.safetensors", "ema.safetensors", STATE_FILE, "metrics.csv", "metrics.jsonl",
-             "metrics.png", "run.json", "recipe.json")
+RUN_FILES = ("last.safetensors", "best.safetensors", "ema.safetensors", STATE_FILE, "metrics.csv",
+             "metrics.jsonl", "metrics.png", "run.json", "recipe.json", "per_image.safetensors")
 
 
 def write_metrics(run_dir: Path, rows: list[dict], metrics_format: str) -> Path:
     """All rows so far, rewritten atomically (so a resumed run never duplicates rows)."""
     if metrics_format == "jsonl":
         path = run_dir / "metrics.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(path, "".join(strict_json(r, None) + "\n" for r in rows))
         return path
     path = run_dir / "metrics.csv"
     out = io.StringIO()
@@ -84,7 +86,7 @@ def write_run_info(run_dir: Path, *, source: str, config: TrainConfig, recipe: R
     if machine is not None:  # what this start chose (threads, workers); a resume chooses again
         info["machine"] = machine
     with writing(run_dir / "run.json"):
-        atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+        atomic_write_text(run_dir / "run.json", strict_json(info) + "\n")
     with writing(run_dir / "recipe.json"):
         atomic_write_text(run_dir / "recipe.json", recipe.to_json() + "\n")
 
@@ -155,7 +157,7 @@ def record_extension(path: Path, recipe: Recipe, *, epochs: int, config_changes:
     doc["recipe"] = recipe.to_dict()
     doc["config"] = {**doc["config"], **(config_changes or {})}
     with writing(path):
-        atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        atomic_write_text(path, strict_json(doc) + "\n")
     if path.name == "run.json":
         with writing(path.parent / "recipe.json"):
             atomic_write_text(path.parent / "recipe.json", recipe.to_json() + "\n")
@@ -194,7 +196,7 @@ def write_comparison(comparison) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     doc_path = out / "comparison.json"
     with writing(doc_path):
-        atomic_write_text(doc_path, json.dumps(comparison.to_dict(), indent=2, default=str) + "\n")
+        atomic_write_text(doc_path, strict_json(comparison.to_dict()) + "\n")
     fig, plt = new_figure(1, 2, (11, 4))
     ax_loss, ax_metric = fig.axes
     key = comparison.metric
@@ -218,32 +220,44 @@ def write_comparison(comparison) -> tuple[Path, Path]:
 
 
 COMPARISON_PLAN = "comparison-run.json"  # what a comparison was asked: resumable as one unit
+SEED_PLAN = "seed.json"                   # OUT/seed-S/: what that seed's arms were asked
 ARM_RESULT = "result.json"                # a finished arm of a comparison
-PLAN_FIELDS = {"checkpoint": str, "recipe": dict, "config": dict, "seeds": int, "plain": bool,
+PER_IMAGE = "per_image.safetensors"       # a run's per-image results at its final epoch
+PLAN_FIELDS = {"checkpoint": str, "recipe": dict, "config": dict, "seeds": (int, str, type(None)),
+               "max_seeds": int, "plain": bool, "control": str,
+               "resolution": (int, float, type(None)), "seed": int, "index": (int, type(None)),
                "history": list}
 
 
-def write_comparison_plan(out: Path, *, checkpoint: str, recipe: Recipe, config: TrainConfig,
-                          seeds: int, plain: bool) -> None:
-    """``OUT/comparison-run.json``: what ``finetune --resume OUT`` continues."""
-    atomic.make_folder(out, "comparison folder")
-    doc = {"checkpoint": checkpoint, "recipe": recipe.to_dict(), "config": asdict(config),
-           "seeds": seeds, "plain": plain}
-    with writing(out / COMPARISON_PLAN):
-        atomic_write_text(out / COMPARISON_PLAN, json.dumps(doc, indent=2) + "\n")
+def is_comparison(folder: str | Path) -> bool:
+    """True for the folder of a ``--baseline`` comparison, or of one of its seeds."""
+    return any((Path(folder) / name).is_file() for name in (COMPARISON_PLAN, SEED_PLAN))
 
 
-def read_comparison_plan(out: Path) -> tuple[str, Recipe, TrainConfig, int, bool]:
-    """The plan ``write_comparison_plan`` wrote, validated like run.json."""
-    path = Path(out) / COMPARISON_PLAN
-    doc = read_json_doc(path, PLAN_FIELDS, tuple(k for k in PLAN_FIELDS if k != "history"))
+def write_plan(path: Path, plan: dict) -> None:
+    """A comparison's plan (``OUT/comparison-run.json``) or one seed's (``seed-S/seed.json``):
+    what ``finetune --resume`` continues and ``gct-surgery verdict`` reads."""
+    atomic.make_folder(path.parent, "comparison folder")
+    doc = {**plan, "recipe": plan["recipe"].to_dict(), "config": asdict(plan["config"])}
+    with writing(path):
+        atomic_write_text(path, strict_json(doc) + "\n")
+
+
+def read_plan(path: Path) -> dict:
+    """The plan ``write_plan`` wrote, validated like run.json, with its recipe and config
+    rebuilt (the config's ``out``: the folder the plan is in, or above a seed's)."""
+    doc = read_json_doc(path, PLAN_FIELDS, ("checkpoint", "recipe", "config", "seeds", "plain"))
     _check_config(path, doc["config"])
+    out = path.parent.parent if path.name == SEED_PLAN else path.parent
     try:
         config = TrainConfig(**{**doc["config"], "out": str(out)})
         recipe = recipe_from_dict(doc["recipe"], source=str(doc["recipe"].get("source", "recipe")))
     except (TypeError, UserError) as e:
         raise _damaged_json(path, str(e)) from None
-    return doc["checkpoint"], recipe, config, doc["seeds"], doc["plain"]
+    if doc["seeds"] != "auto" and not isinstance(doc["seeds"], (int, type(None))):
+        raise _damaged_json(path, f"seeds is {doc['seeds']!r:.20}")
+    doc.pop("history", None)
+    return {**doc, "recipe": recipe, "config": config}
 
 
 def write_arm_result(result: RunResult) -> None:
@@ -251,8 +265,8 @@ def write_arm_result(result: RunResult) -> None:
     instead of running the arm again."""
     path = Path(result.run_dir) / ARM_RESULT
     with writing(path):
-        atomic_write_text(path, json.dumps({"result": result.to_dict(), "rows": result.rows},
-                                           default=str) + "\n")
+        doc = {"result": result.to_dict(), "rows": result.rows}
+        atomic_write_text(path, strict_json(doc) + "\n")
 
 
 def read_arm_result(run_dir: Path) -> RunResult | None:
@@ -262,12 +276,43 @@ def read_arm_result(run_dir: Path) -> RunResult | None:
         return None
     doc = read_json_doc(path, {"result": dict, "rows": list}, ("result", "rows"))
     r = doc["result"]
+    nan = float("nan")  # strict JSON wrote a missing number as null
+    rows = [{k: nan if v is None else v for k, v in row.items()} for row in doc["rows"]]
     try:
-        return RunResult(Path(run_dir), doc["rows"], r["best"], float(r["seconds"]), int(r["params"]),
+        return RunResult(Path(run_dir), rows, r["best"], float(r["seconds"]), int(r["params"]),
                          int(r["gate_params"]), int(r["trainable_params"]), data=dict(r["data"]),
                          nonfinite_skipped=int(r["nonfinite_skipped"]),
                          metric_names=tuple(r["metric_names"]), primary_metric=str(r["primary_metric"]),
                          higher_is_better=bool(r["higher_is_better"]), stages=list(r["stages"]),
                          val_samples=int(r["val_samples"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise _damaged_json(path, f"result: {e}") from None
+
+
+def write_per_image(run_dir: Path, values, metric: str) -> None:
+    """``per_image.safetensors``: one row per validation image, in the set's order."""
+    from safetensors.torch import save
+
+    data = save({"values": values.contiguous()}, metadata={"metric": metric})
+    atomic.atomic_write_bytes(Path(run_dir) / PER_IMAGE, data)
+
+
+def read_per_image(run_dir: Path):
+    """The per-image rows a finished run kept (a float64 numpy array), or None."""
+    path = Path(run_dir) / PER_IMAGE
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))["values"]
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise RunError(f"{path} is damaged ({str(e)[:80]}); run that arm again with a new "
+                       "--out") from None
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON as RFC 8259 has it: a missing or non-finite number is null, never NaN."""
+    from .verdict import json_safe
+
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)

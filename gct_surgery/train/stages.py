@@ -74,6 +74,7 @@ class Stage:
     clip_grad: float | None = None    # clip the gradient norm to this (None: off)
     grad_accum: int = 1               # micro-batches of --batch-size per optimizer step
     layer_decay: float | None = None  # layer-wise lr decay factor (None: off)
+    head_lr: float | None = None      # full stage: the head's own lr (None: base_lr)
 
     def __post_init__(self) -> None:
         patterns = (self.keep_frozen,) if isinstance(self.keep_frozen, str) else self.keep_frozen
@@ -96,8 +97,10 @@ class Stage:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
-        if self.base_lr is not None and (not isinstance(self.base_lr, (int, float)) or self.base_lr < 0):
-            raise UserError(f"stage {self.name!r}: base_lr must be a number >= 0, got {self.base_lr!r}")
+        for key in ("base_lr", "head_lr"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
         for key in ("smoothing", "mixup", "cutmix"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -239,6 +242,31 @@ def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = Fals
     return n
 
 
+def hold_gamma(model: nn.Module) -> None:
+    """A static control's gates: gamma at 0 and never trained, so each gate is a fixed
+    per-channel scale 1 + tanh(beta) that folds into its conv. Set before the first
+    stage, the flag is remembered as a user's frozen parameter: every stage keeps it."""
+    for g in gate_modules(model):
+        with torch.no_grad():
+            g.gamma.zero_()
+        g.gamma.requires_grad_(False)
+
+
+def trained_words(model: nn.Module, stage: Stage, *, gamma_held: bool = False) -> str:
+    """What ``stage`` trains and at which learning rate, in words (a comparison's report)."""
+    gates = bool(gate_modules(model))
+    if stage.kind == "full":
+        words = f"everything, the base at lr {stage.effective_base_lr:g}"
+        words += f", the gates at lr {stage.lr:g}" if gates else ""
+        words += f", the head at lr {stage.head_lr:g}" if stage.head_lr is not None else ""
+    else:
+        parts = [name for name, on in (("gates", stage.kind == "gates" and gates),
+                                        ("head", stage.kind == "head" or stage.train_head),
+                                        ("BatchNorm affine", stage.train_bn)) if on]
+        words = f"{' + '.join(parts) or 'nothing'} at lr {stage.lr:g}"
+    return words + ("; gamma held at 0" if gates and gamma_held else "")
+
+
 def set_train_mode(model: nn.Module, stage: Stage) -> None:
     """``model.train()``, then BN back to eval when the stage freezes its statistics."""
     model.train()
@@ -297,11 +325,13 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     head_ids = {id(p) for p in head_parameters(model)}
     frozen_base = stage.kind in FROZEN_BASE_KINDS
     base_lr = stage.lr if frozen_base else stage.effective_base_lr
+    own_head = frozen_base or stage.head_lr is not None  # the head in groups of its own
+    head_lr = stage.lr if frozen_base else stage.head_lr
     groups: dict[str, dict] = {
         "gate_beta": dict(params=list(betas), lr=stage.lr, weight_decay=0.0),
         "gate_alpha_gamma": dict(params=list(others), lr=stage.lr, weight_decay=stage.gate_weight_decay),
-        "head_decay": dict(params=[], lr=stage.lr, weight_decay=stage.weight_decay),
-        "head_no_decay": dict(params=[], lr=stage.lr, weight_decay=0.0),
+        "head_decay": dict(params=[], lr=head_lr, weight_decay=stage.weight_decay),
+        "head_no_decay": dict(params=[], lr=head_lr, weight_decay=0.0),
         "base_decay": dict(params=[], lr=base_lr, weight_decay=stage.weight_decay),
         "base_no_decay": dict(params=[], lr=base_lr, weight_decay=0.0),
     }
@@ -309,7 +339,7 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
         if id(p) in gate_ids:
             continue
         # In a gates or head stage the head (when it trains) is new or adapting: stage lr.
-        prefix = "head" if frozen_base and id(p) in head_ids else "base"
+        prefix = "head" if own_head and id(p) in head_ids else "base"
         groups[f"{prefix}_{'decay' if p.ndim > 1 else 'no_decay'}"]["params"].append(p)
     out = []
     for name, g in groups.items():

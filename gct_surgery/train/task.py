@@ -38,6 +38,13 @@ fixed-shape tensors (per-class counts, say) that evaluation sums over batches an
 ranks, and ``breakdown(sums)`` turns the totals into rows (dicts with the same keys).
 ``breakdown_name`` names the rows in ``--json`` and ``breakdown_title`` heads the
 table. ``ClassificationTask`` gives the per-class accuracy this way.
+
+Optional, for ``--baseline``'s verdict: ``per_image(output, target)`` returns one row
+per sample, a tensor of shape (N,) whose mean over the validation set is the primary
+metric (classification: 100 x correct, so the mean is top-1 in %), or (N, K) per-image
+statistics with ``reduce(rows) -> float`` (a numpy (N, K) array in, the dataset-level
+metric out: max F-measure, mIoU from per-image intersections and unions). A task
+without it gets a comparison without a verdict interval.
 """
 from __future__ import annotations
 
@@ -132,6 +139,11 @@ class ClassificationTask:
         top1, top5 = accuracy(logits(output), target, topk=(1, 5))  # percent of the batch
         n = target.size(0)
         return {"top1": top1.item() * n, "top5": top5.item() * n}
+
+    def per_image(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """100 for each image whose top class is right, else 0: the mean is top-1 (%)."""
+        top = logits(output).topk(1, 1, True, True).indices[:, 0]  # as timm's accuracy picks
+        return 100.0 * (top == target).double()
 
     def breakdown_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         out = logits(output)
