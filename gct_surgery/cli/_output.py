@@ -9,7 +9,6 @@ Imports only rich, never torch or timm, so ``--help`` stays instant.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from typing import Any, Iterable, Sequence
@@ -28,9 +27,9 @@ def is_human() -> bool:
 
 def json_text(data: Any) -> str:
     """Standard JSON (RFC 8259): a missing or non-finite number is null, never NaN."""
-    from ..train.verdict import json_safe  # numpy and scipy, no torch
+    from ..train.verdict import strict_json  # numpy only, no torch
 
-    return json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
+    return strict_json(data)
 
 
 def print_json(data: Any) -> None:

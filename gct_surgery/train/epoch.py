@@ -187,7 +187,7 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
     improved = progress.add_row(row, run.task.primary_metric, run.task.higher_is_better)
     progress.finish_epoch()
     if run.dist.is_main:
-        from .verdict import json_safe  # scipy: imported when first needed
+        from .verdict import json_safe
 
         meta = run.meta.with_event("finetune", stage=stage.to_dict(), epochs_completed=progress.epoch,
                                    metrics=json_safe(row))

@@ -289,7 +289,7 @@ def _steps_per_epoch(run: Run, stage: Stage) -> int:
 def _finish_stage(run: Run, stage: Stage, trainable: int) -> None:
     """Record what the stage trained and how far the gates moved (the run reports it)."""
     from ..core.movement import gate_movement
-    from .verdict import json_safe  # scipy: imported when first needed
+    from .verdict import json_safe
 
     progress = run.progress
     movement = gate_movement(run.model)

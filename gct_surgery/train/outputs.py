@@ -21,6 +21,7 @@ from .config import RunResult, TrainConfig
 from .faults import RunError, writing
 from .progress import STATE_FILE
 from .recipe import Recipe, recipe_from_dict
+from .verdict import strict_json
 
 _logger = logging.getLogger(__name__)
 
@@ -309,10 +310,3 @@ def read_per_image(run_dir: Path):
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise RunError(f"{path} is damaged ({str(e)[:80]}); run that arm again with a new "
                        "--out") from None
-
-
-def strict_json(obj, indent: int | None = 2) -> str:
-    """JSON as RFC 8259 has it: a missing or non-finite number is null, never NaN."""
-    from .verdict import json_safe
-
-    return json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)

@@ -4,17 +4,17 @@ Both arms score the same N validation images in each of S seeds; seed s of GCT p
 seed s of the control. The difference varies with the seed (data order, augmentation, head
 init) and with the images (another N images of the kind would change it), and the interval
 carries both: seeds alone look certain on 12 images that happen to agree, images alone miss
-the seed spread. Pure statistics (numpy, scipy); the method in plain words is docs/verdict.md.
+the seed spread. Pure statistics (numpy; scipy imported where a quantile is needed); the method in plain words is docs/verdict.md.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import stats
 
 DEFAULT_RESOLUTION: dict[str, float] = {"top1": 0.5, "top5": 0.5, "mae": 0.005, "max_f": 0.005,
                                         "miou": 0.5, "pixel_acc": 0.5}
@@ -28,6 +28,11 @@ _GRID = np.unique(np.r_[np.arange(2, 51), np.geomspace(51, 1e6, 120).astype(int)
 def default_resolution(metric: str) -> float | None:
     """The equivalence bound used when the user gives no --resolution (None: not tested)."""
     return DEFAULT_RESOLUTION.get(metric.lower())
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON as RFC 8259 has it: a missing or non-finite number is null, never NaN."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)
 
 
 def json_safe(x):
@@ -88,6 +93,8 @@ def _spending(alpha: float, looks: int, max_looks: int | None) -> tuple[float, f
     spending a(t) = 2 - 2 Phi(z_{1-alpha/2} / sqrt(t)); look k tests at the increment
     a(t_k) - a(t_{k-1}). The increments sum to alpha, so by the union bound the chance of
     any false call over all looks is at most alpha, however the looks correlate."""
+    from scipy import stats  # quantiles; json_safe alone needs only numpy
+
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must lie in (0, 0.5), not {alpha}")
     if max_looks is None and looks != 1:
@@ -157,6 +164,8 @@ def _floors(comp: dict, n: int, a: float) -> tuple[float, float]:
 def _seeds_needed(comp: dict, n: int, a: float, resolution: float):
     """(fewest seeds whose MDE at alpha ``a`` is within ``resolution``, whether more images
     are needed, the MDE with unlimited seeds: the image term that more seeds cannot lower)."""
+    from scipy import stats  # quantiles; json_safe alone needs only numpy
+
     grid = np.r_[_GRID, _FAR]
     var, df = _project(comp, grid, n)
     q = stats.t.ppf([[1 - a / 2], [POWER]], df)
@@ -248,6 +257,8 @@ def verdict(gct: Sequence[np.ndarray], control: Sequence[np.ndarray], *, metric:
     ci90 (1-2a) inside ±resolution -> equivalent (TOST; wins over a direction); ci95 (1-a)
     excluding 0 -> gct_better / control_better; else inconclusive.
     """
+    from scipy import stats  # quantiles; json_safe alone needs only numpy
+
     if resolution is not None and not (math.isfinite(resolution) and resolution > 0):
         raise ValueError(f"resolution must be a positive number, not {resolution}")
     if reduce is not None and bootstrap < 2:
@@ -373,6 +384,8 @@ def should_stop(v: Verdict, seeds: int, max_seeds: int) -> tuple[bool, str]:
     are below FUTILITY. It only removes looks, so the false-'better' rate stays within
     alpha. (Asking the current estimate itself to reach a call, i.e. conditional power
     near 50%, stopped too many real gains at 2 seeds in simulation.)"""
+    from scipy import stats  # quantiles; json_safe alone needs only numpy
+
     if max_seeds < 2:
         raise ValueError("--seeds auto needs max_seeds >= 2")
     if seeds != v.seeds:
