@@ -109,12 +109,12 @@ def bare_loop(job: dict) -> dict:
     from torch.utils.data import DataLoader
 
     from gct_surgery.io.checkpoint import load_checkpoint
-    from gct_surgery.train import machine
-    from gct_surgery.train.loaders import resolve_data_config
+    from gct_surgery.train import distributed
+    from gct_surgery.train.data import resolve_data_config
     from gct_surgery.train.task import load_task
 
-    chosen = machine.choose("cpu", threads=job["threads"], workers=job["workers"])
-    machine.apply(chosen)
+    chosen = distributed.choose("cpu", threads=job["threads"], workers=job["workers"])
+    torch.set_num_threads(chosen.threads)
     torch.manual_seed(0)
     loaded = load_checkpoint(job["ckpt"])
     model = loaded.model

@@ -1,8 +1,7 @@
 """Time and peak memory of one gates-stage training step against one full step.
 
-Three rows: ``gates`` (the stage as ``finetune`` runs it, with ``frozen.frozen_base``:
-frozen convs save nothing for backward, frozen BN folded into its conv), ``gates-plain``
-(the same stage without it, i.e. ``--no-fast-frozen``) and ``full``.
+Two rows: ``gates`` and ``full``, each as ``finetune`` runs it. (A third row once measured
+the cheap frozen base, ``train/frozen.py``, since deleted: docs/performance.md.)
 
 Each measurement runs in a fresh subprocess, so peak memory is not polluted by the
 other: on CPU it is the rise of the process's peak RSS (``ru_maxrss``) over the
@@ -25,7 +24,6 @@ import sys
 
 
 def measure(model_name: str, row: str, batch: int, size: int, steps: int, device: str) -> dict:
-    import contextlib
     import resource
     import statistics
     import time
@@ -33,16 +31,13 @@ def measure(model_name: str, row: str, batch: int, size: int, steps: int, device
     import timm
     import torch
 
-    from gct_surgery.train.frozen import frozen_base
     from gct_surgery.train.stages import Stage, freeze_for_stage, make_optimizer, set_train_mode
     from gct_surgery.core.surgery import inject
-
-    stage_kind = "gates" if row.startswith("gates") else "full"
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=10).to(device)
     inject(model)
-    stage = Stage(stage_kind, stage_kind)
+    stage = Stage(row, row)
     freeze_for_stage(model, stage)
     optimizer = make_optimizer(model, stage)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -55,26 +50,22 @@ def measure(model_name: str, row: str, batch: int, size: int, steps: int, device
         optimizer.step()
 
     set_train_mode(model, stage)
-    cheap = frozen_base(model) if row == "gates" else contextlib.nullcontext()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with cheap:
-        # Every row: frozen_base learns its conv -> BN pairs and folds them here (its
-        # folded weights count in its peak).
-        with torch.no_grad():
-            model(x)
-        times, cpu_times = [], []
-        for i in range(steps + 1):  # the first step (optimizer state, allocator warm-up) is not timed
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t)
-                cpu_times.append(time.process_time() - c)
+    with torch.no_grad():
+        model(x)
+    times, cpu_times = [], []
+    for i in range(steps + 1):  # the first step (optimizer state, allocator warm-up) is not timed
+        t, c = time.perf_counter(), time.process_time()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -85,7 +76,7 @@ def measure(model_name: str, row: str, batch: int, size: int, steps: int, device
             "trainable": trainable}
 
 
-ROWS = ("gates", "gates-plain", "full")
+ROWS = ("gates", "full")
 
 
 def main() -> None:
@@ -122,18 +113,17 @@ def main() -> None:
                      "median_cpu_s": statistics.median(r["median_cpu_s"] for r in rs),
                      "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
                for row, rs in runs.items()}
-    g, plain, f = (results[row] for row in ROWS)
+    g, f = (results[row] for row in ROWS)
     threads = f", {args.threads} threads" if args.threads else ""
     repeats = f" x {args.repeats} processes" if args.repeats > 1 else ""
     print(f"{args.model}, batch {args.batch}, {args.size} px, {args.device}{threads}, "
           f"median of {args.steps} steps{repeats}")
-    for r in (g, plain, f):
+    for r in (g, f):
         print(f"  {r['stage']:11s} step: {r['median_s'] * 1000:8.1f} ms (cpu {r['median_cpu_s'] * 1000:7.1f} ms), peak +{r['peak_bytes'] / 2**20:7.1f} MiB, "
               f"{r['trainable']:,} trainable parameters")
-    for r in (g, plain):
-        print(f"  {r['stage'] + '/full:':17s} time {r['median_s'] / f['median_s']:.2f}x "
-              f"(cpu {r['median_cpu_s'] / f['median_cpu_s']:.2f}x), "
-              f"peak memory {r['peak_bytes'] / max(f['peak_bytes'], 1):.2f}x")
+    print(f"  {'gates/full:':17s} time {g['median_s'] / f['median_s']:.2f}x "
+          f"(cpu {g['median_cpu_s'] / f['median_cpu_s']:.2f}x), "
+          f"peak memory {g['peak_bytes'] / max(f['peak_bytes'], 1):.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ import os
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "GCT": "core.gate", "GateConfig": "core.gate", "gct": "core.gate", "gct_reference": "core.gate",
-    "set_gate_impl": "core.gate",
-    "TargetSpec": "core.targets", "select_targets": "core.targets",
-    "inject": "core.surgery", "remove": "core.surgery", "gates": "core.surgery", "gated_modules": "core.surgery",
-    "InjectionReport": "core.surgery",
-    "ModelSource": "io.sources", "build_model": "io.sources",
-    "save": "io.checkpoint", "read_metadata": "io.checkpoint",
-    "freeze_base": "train.freezing", "unfreeze": "train.freezing", "param_groups": "train.freezing",
-    "UserError": "errors", "trusting": "io.trust",
-}
+_EXPORTS = {name: module for module, names in {
+    "core.gate": ("GCT", "GateConfig", "gct", "gct_reference", "set_gate_impl"),
+    "core.targets": ("TargetSpec", "select_targets"),
+    "core.surgery": ("inject", "remove", "gates", "gated_modules", "InjectionReport"),
+    "io.sources": ("ModelSource", "build_model"),
+    "io.checkpoint": ("save", "read_metadata"),
+    "train.stages": ("freeze_base", "unfreeze", "param_groups"),
+    "errors": ("UserError",),
+    "io.trust": ("trusting",),
+}.items() for name in names}
 
 __all__ = sorted([*_EXPORTS, "load"])
 
@@ -42,18 +41,15 @@ def load(path: str | os.PathLike | None = None, *, base=None, gates=None,
     """
     from .io.trust import trusting
 
-    if gates is not None:
-        if path is not None:
-            raise TypeError("load() takes either a checkpoint path or base=/gates=, not both")
-        from .io.adapter import apply_adapter
-
-        with trusting(trust_source):
-            return apply_adapter(gates, base, allow_pickle=allow_pickle)
-    if path is None:
-        raise TypeError("load() needs a checkpoint path, or gates= (and base=)")
-    from .io.checkpoint import load_checkpoint
-
+    if (path is None) == (gates is None):
+        raise TypeError("load() takes a checkpoint path, or gates= (and base=); one of them")
     with trusting(trust_source):
+        if gates is not None:
+            from .io.adapter import apply_adapter
+
+            return apply_adapter(gates, base, allow_pickle=allow_pickle)
+        from .io.checkpoint import load_checkpoint
+
         return load_checkpoint(path).model
 
 

@@ -6,7 +6,6 @@ are imported inside the functions so that importing this module stays free.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -64,8 +63,8 @@ def write_image_folder(out_dir, *, size=None, per_class=None) -> Path:
     A non-empty ``out_dir`` without the marker is never touched: it raises.
     """
     out_dir = Path(out_dir)
-    size = _normalise_size(size)
-    per_class = _normalise_counts(per_class)
+    size = [size, size] if isinstance(size, int) else size and [int(v) for v in size]
+    per_class = [per_class] * 2 if isinstance(per_class, int) else per_class and list(per_class)
     if _is_complete(out_dir, size, per_class):
         return out_dir
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -75,87 +74,49 @@ def write_image_folder(out_dir, *, size=None, per_class=None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        counts = _write_tree(tmp, size, per_class)
-        (tmp / _MARKER).write_text(json.dumps({"size": size, "per_class": per_class, **counts})
-                                   + "\n")
+        _write_tree(tmp, size, per_class)
+        (tmp / _MARKER).write_text(json.dumps({"size": size, "per_class": per_class}) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result is an ordinary folder
-        try:
-            os.replace(tmp, out_dir)  # also replaces an empty out_dir
-        except OSError:
-            # Someone else finished first: use theirs if it is complete.
-            if not _is_complete(out_dir, size, per_class):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
+        os.replace(tmp, out_dir)  # also replaces an empty out_dir
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # os.replace fails when someone else finished first: use theirs if it is complete
+        if not isinstance(e, OSError) or not _is_complete(out_dir, size, per_class):
+            raise
     return out_dir
-
-
-def _normalise_size(size):
-    if size is None:
-        return None
-    if isinstance(size, int):
-        size = (size, size)
-    width, height = (int(v) for v in size)
-    if width < 1 or height < 1:
-        raise DataError(f"image size must be positive, got {size!r}")
-    return [width, height]
-
-
-def _normalise_counts(per_class):
-    if per_class is None:
-        return None
-    counts = [per_class, per_class] if isinstance(per_class, int) else [int(v) for v in per_class]
-    if len(counts) != len(SPLITS) or min(counts) < 1:
-        raise DataError(f"per_class must be a positive count or (train, val) counts, "
-                        f"got {per_class!r}")
-    return counts
 
 
 def _is_complete(out_dir: Path, size, per_class=None) -> bool:
     """True if ``out_dir`` carries our marker; a marker for another size or subset is an
-    error."""
-    marker = out_dir / _MARKER
-    if not marker.is_file():
-        return False
+    error (a mixed tree would silently train on both)."""
     try:
-        doc = json.loads(marker.read_text())
-        written, subset = doc.get("size"), doc.get("per_class")
+        doc = json.loads((out_dir / _MARKER).read_text())
+        written = (doc.get("size"), doc.get("per_class"))
     except (OSError, ValueError, AttributeError):
         return False
-    if written != size:
-        raise DataError(f"{out_dir} already holds the bundled images at size {written}, "
-                        f"not {size}; remove it or choose another output folder")
-    if subset != per_class:
-        def what(c):
-            return "all the images" if c is None else f"{c[0]} train and {c[1]} val images a class"
-        raise DataError(f"{out_dir} already holds {what(subset)} of the bundled set, not "
-                        f"{what(per_class)}; remove it or choose another output folder")
+    if written != (size, per_class):  # size and per_class as (given, written)
+        raise DataError(f"{out_dir} already holds the bundled set written with size, per_class "
+                        f"{written}, not {(size, per_class)}; remove it or choose another "
+                        "output folder")
     return True
 
 
-def _write_tree(root: Path, size, per_class=None) -> dict:
-    import numpy as np
+def _write_tree(root: Path, size, per_class=None) -> None:
+    from collections import Counter
+
     from PIL import Image
 
     data = load_bundled()
     folders = class_folder_names(data["class_names"])
-    counts = {}
     for s, split in enumerate(SPLITS):
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-        if per_class is not None:  # the first images of each class, in file order
-            rank = np.zeros(len(labels), dtype=int)  # each image's place within its class
-            for label in np.unique(labels):
-                rank[labels == label] = np.arange(int((labels == label).sum()))
-            images, labels = images[rank < per_class[s]], labels[rank < per_class[s]]
         for folder in folders:
             (root / split / folder).mkdir(parents=True)
-        for index, (image, label) in enumerate(zip(images, labels)):
+        seen = Counter()  # the first images of each class, in file order
+        for image, label in zip(data[f"{split}_images"], data[f"{split}_labels"]):
+            if per_class is not None and seen[int(label)] >= per_class[s]:
+                continue
             picture = Image.fromarray(image)  # uint8 H×W -> mode "L"
             if size is not None:
                 picture = picture.resize(tuple(size), Image.Resampling.BILINEAR)
-            picture.save(root / split / folders[int(label)] / f"{index:05d}.png")
-        counts[split] = int(len(labels))
-    return counts
+            picture.save(root / split / folders[int(label)] / f"{sum(seen.values()):05d}.png")
+            seen[int(label)] += 1

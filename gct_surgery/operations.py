@@ -5,26 +5,24 @@ arguments and prints what these return.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 from torch import nn
 
-from .core.forward import example_input, max_difference, run_model
 from .core.gate import GateConfig
-from .core.heads import model_num_classes
+from .core.model import example_input, max_difference, model_num_classes, run_model
 from .core.surgery import InjectionReport, inject
-from .core.targets import TargetSpec, find_functional_convs, select_targets
-from .errors import SourceError
-from .io.checkpoint import (RECORD_ATTR, default_checkpoint_name, load_checkpoint, run_folder_hint, save,
-                            with_data)
-from .io.foreign import classes_in, describe, load_file_weights, read_weights_file
+from .core.targets import TargetSpec, select_targets, watch_convs
+from .errors import SourceError, first_line
+from .io.checkpoint import RECORD_ATTR, default_checkpoint_name, load_checkpoint, run_folder_hint, save
 from .io.metadata import METADATA_KEY, CheckpointMeta
-from .io.safetensors_file import is_safetensors, read_header
-from .io.source_rules import recordable, resolve_hub
-from .io.sources import (ModelSource, build_model, meant_architecture, model_data_config,
-                         not_an_architecture, parse_source)
+from .io.state_dicts import (classes_in, is_safetensors, load_file_weights, read_header,
+                             read_weights_file)
+from .io.sources import (ARCH_HINT, ModelSource, build_model, did_you_mean, model_data_config,
+                         parse_source, recordable, resolve_hub, timm_hub)
 from .io.trust import remember
 
 
@@ -61,14 +59,14 @@ def open_source(
 
     A gct-surgery checkpoint brings its own metadata; anything else gets fresh
     metadata that records how to rebuild it. A weights file (another trainer's
-    checkpoint included, ``foreign``) may name its architecture and gives its class
+    checkpoint included, ``state_dicts``) may name its architecture and gives its class
     count: ``--arch`` and ``--num-classes`` are then not needed.
     """
     kind, location = parse_source(source)
     if kind == "file":
         path = Path(location)
         if not path.exists():
-            raise SourceError(f"no such file: {path}{_meant_timm(location)} (a SOURCE is "
+            raise SourceError(f"no such file: {path}{did_you_mean(location)} (a SOURCE is "
                               "timm:NAME, torchvision:NAME, file.py:factory or a checkpoint file)")
         if path.is_dir():
             raise SourceError(run_folder_hint(path) or f"{path} is a folder, not a checkpoint file")
@@ -86,7 +84,11 @@ def open_source(
     resolved = resolve_hub(spec, source)
     opened = _open(resolved, allow_pickle, base=source if resolved is not spec else None)
     if kind in ("timm", "torchvision") and not (resolved.weights or resolved.pretrained):
-        opened.warnings.append(random_weights_warning(source))
+        # gates go on a trained model: a SOURCE without weights is almost never meant
+        opened.warnings.append(
+            f"{source} has random weights (no --weights, no --pretrained): give your trained "
+            f"file (`gct-surgery inject FILE --arch {source}`), --weights PATH"
+            + (", or --pretrained for timm's own (from the cache offline)" if kind == "timm" else ""))
     return opened
 
 
@@ -107,6 +109,8 @@ def _open_weights_file(path: Path, arch: str | None, num_classes: int | None,
             + ("" if is_safetensors(path) else
                " (a whole pickled module needs --allow-pickle, which runs its code)"))
     source = resolve_hub(ModelSource(arch, _kwargs(arch, num_classes, in_chans)), arch)
+    if source.kind == "torchvision" and any(".aux_classifier." in f".{k}" for k in found.tensors):
+        source = replace(source, kwargs={**source.kwargs, "aux_loss": True})  # trained with one
     source = replace(source, pretrained=False)  # the file's weights replace the hub's
     model = build_model(source, allow_pickle=allow_pickle)
     classes = classes_in(model, found.tensors, found.num_classes)
@@ -116,7 +120,7 @@ def _open_weights_file(path: Path, arch: str | None, num_classes: int | None,
         model = build_model(source, allow_pickle=allow_pickle)
     prefix = load_file_weights(model, found.tensors, what=str(path))
     opened = _open(replace(source, weights=str(path), use_ema=use_ema), allow_pickle, model=model,
-                   found=describe(found), base=arch if arch != source.spec else None)
+                   found=found.describe(use_ema), base=arch if arch != source.spec else None)
     if found.has_ema and not use_ema:
         opened.notes.append("this file also holds EMA weights; --use-ema takes them")
     if prefix:
@@ -125,17 +129,12 @@ def _open_weights_file(path: Path, arch: str | None, num_classes: int | None,
     return opened
 
 
-def _meant_timm(text: str) -> str:
-    """``inject resnet18``: a bare model name, not a file."""
-    meant = meant_architecture(text)
-    return f"; did you mean {meant}?" if meant else ""
-
-
-def random_weights_warning(source: str) -> str:
-    """Gates go on a trained model: a SOURCE without weights is almost never meant."""
-    pretrained = ", or --pretrained for timm's own (from the cache offline)" if source.startswith("timm:") else ""
-    return (f"{source} has random weights (no --weights, no --pretrained): give your trained file "
-            f"(`gct-surgery inject FILE --arch {source}`), --weights PATH{pretrained}")
+def not_an_architecture(text: str) -> SourceError:
+    """``--arch`` given a file or a bare name: the architecture it probably meant."""
+    if Path(text).is_file():
+        return SourceError(f"{text!r} is a file, not an architecture: {ARCH_HINT}")
+    return SourceError(f"{text!r} is neither a file nor an architecture"
+                       + (did_you_mean(text, "--arch ") or f"; {ARCH_HINT}"))
 
 
 def default_output(source: str) -> Path:
@@ -149,15 +148,9 @@ def default_output(source: str) -> Path:
 
 
 def _kwargs(spec: str, num_classes: int | None, in_chans: int | None) -> dict:
-    kind, _ = parse_source(spec)
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if in_chans is not None:
-        if kind != "timm":
-            raise SourceError("--in-chans applies to timm models only")
-        kwargs["in_chans"] = in_chans
-    return kwargs
+    if in_chans is not None and parse_source(spec)[0] != "timm":
+        raise SourceError("--in-chans applies to timm models only")
+    return {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
 
 
 def _open(source: ModelSource, allow_pickle: bool, *, model: nn.Module | None = None,
@@ -183,20 +176,8 @@ def _open(source: ModelSource, allow_pickle: bool, *, model: nn.Module | None = 
 
 def _absolute_hub(spec: str) -> str:
     """``timm:local-dir:rel`` by its absolute folder, so it means the same from anywhere."""
-    kind, location = parse_source(spec)
-    hub, _, ident = location.partition(":")
-    return f"timm:local-dir:{Path(ident).resolve()}" if kind == "timm" and hub == "local-dir" else spec
-
-
-def data_config(model: nn.Module, kind: str | None = None) -> dict:
-    """Input size and normalisation as the model's source tells (``model_data_config``)."""
-    return model_data_config(model, kind)
-
-
-def preprocessing_is_recorded(meta: CheckpointMeta) -> bool:
-    """True when the record holds a mean and std that nobody assumed."""
-    data = meta.data
-    return all(data.get(k) is not None and k not in data.get("assumed", []) for k in ("mean", "std"))
+    hub = timm_hub(spec)
+    return f"timm:local-dir:{Path(hub[1]).resolve()}" if hub and hub[0] == "local-dir" else spec
 
 
 @dataclass
@@ -237,17 +218,14 @@ def inject_model(
                           "use the same --mode/--eps/--after-relu or start from the base model")
     # later commands run the model on the input size given here
     if input_size or data:
-        meta = with_data(meta, {**(data or {}), "input_size": input_size})
-    x = example_input(meta.data.get("input_size")) if verify else None
-    try:
-        before = run_model(model, x) if verify else None
-        functional = find_functional_convs(model, x) if verify else []
-        if verify and targets.names is None:
-            targets = targets.with_input_sizes(model, x)
-    except (RuntimeError, ValueError, TypeError) as e:
-        size = list(x.shape[1:]) if x is not None else None
-        raise SourceError(f"the model does not run on a batch of size {size} "
-                          f"({str(e).splitlines()[0][:160]}); pass --input-size C,H,W") from None
+        meta = meta.with_data({**(data or {}), "input_size": input_size})
+    x, before, functional = None, None, []
+    if verify:
+        with _runs_on(x := example_input(meta.data.get("input_size"))):
+            before, convs = run_model(model, x), watch_convs(model, x)  # one forward answers both
+        functional = convs.functional
+        if targets.names is None:
+            targets = replace(targets, inputs_1x1=tuple(convs.inputs_1x1))
     report = inject(model, targets, gate)
     diff = max_difference(before, run_model(model, x)) if verify else float("nan")
     meta = replace(meta, gate=gate.__dict__.copy(), targets=targets.to_dict(), gated=report.gated)
@@ -259,22 +237,26 @@ def inject_model(
     return InjectResult(report, diff, meta, Path(output) if output else None, functional)
 
 
+@contextlib.contextmanager
+def _runs_on(x) -> Iterator[None]:
+    """A model that fails on the example batch: the input size is the user's to give."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise SourceError(f"the model does not run on a batch of size {list(x.shape[1:])} "
+                          f"({first_line(e)[:160]}); pass --input-size C,H,W") from None
+
+
 def plan(model: nn.Module, targets: TargetSpec, gate: GateConfig,
          input_size: list[int] | None = None) -> list[dict]:
     """The dry run: one row per candidate convolution, with what would happen to it.
     With ``input_size``, one forward finds the convs whose input is 1x1 spatially."""
     if input_size and targets.names is None:
-        try:
-            targets = targets.with_input_sizes(model, example_input(input_size))
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise SourceError(f"the model does not run on a batch of size {list(input_size)} "
-                              f"({str(e).splitlines()[0][:160]}); pass --input-size C,H,W") from None
-    rows = []
-    for t in select_targets(model, targets).targets:
-        rows.append({
-            "module": t.name, "kind": t.kind, "in_channels": t.in_channels,
-            "kernel": "x".join(map(str, t.kernel_size)), "groups": t.groups,
-            "gate_params": 3 * t.in_channels if t.selected and not t.already_gated else 0,
-            "action": ("already gated" if t.already_gated else "gate") if t.selected else f"skip: {t.reason}",
-        })
-    return rows
+        with _runs_on(x := example_input(input_size)):
+            targets = replace(targets, inputs_1x1=watch_convs(model, x).inputs_1x1)
+    return [{"module": t.name, "kind": t.kind, "in_channels": t.in_channels,
+             "kernel": "x".join(map(str, t.kernel_size)), "groups": t.groups,
+             "gate_params": 3 * t.in_channels if t.selected and not t.already_gated else 0,
+             "action": (("already gated" if t.already_gated else "gate") if t.selected
+                        else f"skip: {t.reason}")}
+            for t in select_targets(model, targets).targets]

@@ -263,7 +263,7 @@ def check_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     import timm
 
     from gct_surgery import load
-    from gct_surgery.core.forward import max_difference, run_model
+    from gct_surgery.core.model import max_difference, run_model
     from gct_surgery.operations import inject_model
     from gct_surgery.core.targets import is_conv
 
@@ -382,7 +382,7 @@ def _pick_input(model, meta, max_size: int):
     """The smallest input the base model accepts: capped size first, then its default."""
     import torch
 
-    from gct_surgery.core.forward import run_model
+    from gct_surgery.core.model import run_model
 
     default = list(meta.data.get("input_size") or [3, 224, 224])
     capped = [default[0], *[min(s, max_size) for s in default[1:]]]

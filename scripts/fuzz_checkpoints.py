@@ -7,7 +7,7 @@ model from a ``file.py:factory``, so a rebuild costs milliseconds) and a plain s
 dict, and makes files by category: truncations, bit flips, random bytes, edits of the
 safetensors header, edits of the gct-surgery metadata, wrong extensions, torch files
 that hold no state dict, and pickles whose payload would leave a marker file. Each file
-goes through ``gct_surgery.load`` (and ``load_state_dict_file`` for torch files) and
+goes through ``gct_surgery.load`` (and ``read_weights_file`` for torch files) and
 through the CLI in-process (``gct_surgery.cli.run(["inject", FILE, "-o", OUT])``).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/fuzz_checkpoints.py --cases 50000 --seed 1
@@ -327,12 +327,12 @@ def check_file(path: Path, seeds: Seeds, out: Path) -> tuple[str, list[str]]:
     import gct_surgery
     from gct_surgery.cli import run
     from gct_surgery.errors import UserError
-    from gct_surgery.io.state_dicts import load_state_dict_file
+    from gct_surgery.io.state_dicts import read_weights_file
 
     problems, loaded = [], False
     calls = [("gct_surgery.load", lambda: gct_surgery.load(path))]
     if path.suffix != ".safetensors":
-        calls.append(("load_state_dict_file", lambda: load_state_dict_file(path)))
+        calls.append(("read_weights_file", lambda: read_weights_file(path)))
     for name, call in calls:
         try:
             call()

@@ -18,8 +18,8 @@ from PIL import Image
 
 from gct_surgery.cli import run as cli_run
 from gct_surgery.errors import DataError
-from gct_surgery.train.images import DataReport, open_split, read_image, report_lines, to_rgb
-from gct_surgery.train.loaders import make_loader
+from gct_surgery.train.data import DataReport, make_loader, read_image, report_lines, start_epoch, to_rgb
+from gct_surgery.train.layouts import open_split
 
 from fixtures.runs import make_checkpoint
 
@@ -106,7 +106,7 @@ def messy(tmp_path_factory) -> dict:
 
 
 def tensor_transform(size: int = 16):
-    from gct_surgery.train.loaders import create_transform, resolve_data_config
+    from gct_surgery.train.data import create_transform, resolve_data_config
 
     return create_transform(resolve_data_config({"input_size": [3, size, size]}), training=False)
 
@@ -135,15 +135,16 @@ def test_labels_follow_folder_names_and_an_empty_class_is_reported(messy, caplog
     with caplog.at_level("WARNING"):
         ds = open_split(messy["root"], "train")
     assert ds.classes == CLASSES and ds.class_to_idx["d_last"] == 3  # not shifted to 2
-    labels = {Path(p).name: t for p, t in ds.reader.samples}
+    labels = {Path(p).name: t for p, t in ds.samples}
     assert labels["d0.png"] == 3 and labels["ok0.png"] == 0 and labels["grey.png"] == 1
     assert labels["inside.png"] == 0  # below a class folder: that class
     assert ds.report.empty_classes == ["c_empty"]
     assert "c_empty holds no images; it keeps label 2" in caplog.text
     assert names(ds.report.ignored) == {".DS_Store", "notes.txt", "._ok0.png"}
-    assert names(ds.report.bad) == messy["scan_bad"]  # never opened: the pipe would hang
+    # The scan's (never opened: the pipe would hang) and the decoder's, at open
+    assert names(ds.report.bad) == messy["scan_bad"] | messy["decode_bad"]
     assert ds.report.bad[str(messy["root"] / "train" / "a_good" / "gone.png")] == "broken symlink"
-    assert not names(p for p, _ in ds.reader.samples) & (messy["scan_bad"] | {".DS_Store", "notes.txt"})
+    assert not names(p for p, _ in ds.samples) & (messy["scan_bad"] | {".DS_Store", "notes.txt"})
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -151,8 +152,7 @@ def test_labels_follow_folder_names_and_an_empty_class_is_reported(messy, caplog
 def test_bad_files_are_skipped_and_counted_across_workers(messy, workers, training):
     ds = open_split(messy["root"], "train", transform=tensor_transform())
     assert len(ds) % 2 == 0  # batches of 2: a training epoch also visits every index once
-    report = DataReport()
-    loader = make_loader(ds, 2, training=training, workers=workers, report=report)
+    loader = make_loader(ds, 2, training=training, workers=workers)
     images, labels = 0, []
     for x, y in loader:
         assert x.shape[1:] == (3, 16, 16) and torch.isfinite(x).all()
@@ -161,9 +161,9 @@ def test_bad_files_are_skipped_and_counted_across_workers(messy, workers, traini
         labels += y.tolist()
     # Training replaces each bad sample by a readable one of its class; evaluation drops it.
     assert images == len(ds) - (0 if training else len(messy["decode_bad"]))
-    assert names(report.bad) == messy["decode_bad"]  # counted in the main process
-    assert report.skipped == len(messy["decode_bad"])  # each bad index is drawn once an epoch
-    in_class = sum(1 for _, t in ds.reader.samples if t == 0)  # the bad files are all a_good's
+    report = ds.report  # complete before any worker started
+    assert names(report.bad) == messy["decode_bad"] | messy["scan_bad"]
+    in_class = sum(1 for _, t in ds.samples if t == 0)  # the bad files are all a_good's
     assert labels.count(0) == in_class - (0 if training else len(messy["decode_bad"]))
     # a_good: 4 bad of 9 files, far above the 5% at which a class is warned about
     assert report.bad_share == {"a_good": [4, 9]}
@@ -176,24 +176,22 @@ def test_bad_files_are_skipped_and_counted_across_workers(messy, workers, traini
 
 def test_the_same_bad_file_replaced_the_same_way_every_time(messy):
     """A bad sample is replaced by a readable image of its own class, chosen from
-    (seed, epoch, index) only: the same whatever this process already knows (a fresh
-    dataset, as after a resume, picks the same one), and drawn afresh each epoch."""
-    ds = open_split(messy["root"], "train")
-    index = next(i for i, (p, _) in enumerate(ds.reader.samples) if p.endswith("empty.png"))
-    (img1, t1), skipped1, found1 = ds.load(index, epoch=3, seed=7)
-    (img2, t2), skipped2, found2 = ds.load(index, epoch=3, seed=7)  # from the memo this time
-    fresh = open_split(messy["root"], "train")
-    (img3, t3), _, _ = fresh.load(index, epoch=3, seed=7)
-    assert [Path(p).name for p, _, _ in skipped1] == ["empty.png"] and skipped1 == skipped2
-    assert found2 == []  # nothing is decoded twice
-    assert t1 == t2 == t3 == 0  # the class of the bad file
-    assert np.array_equal(np.asarray(img1), np.asarray(img2))
-    assert np.array_equal(np.asarray(img1), np.asarray(img3))
+    (seed, epoch, index) only: a fresh dataset (as after a resume) picks the same one,
+    and the draw is made afresh each epoch."""
+    ds, fresh = open_split(messy["root"], "train"), open_split(messy["root"], "train")
+    index = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("empty.png"))
+    ds.seed = fresh.seed = 7
+    ds.epoch = fresh.epoch = 3
+    chosen = ds.pick(index)
+    assert chosen != index and fresh.pick(index) == chosen == ds.pick(index)
+    assert ds.samples[chosen][1] == 0 and ds.samples[chosen][0] not in ds.report.bad
+    img, target = ds[index]
+    assert target == 0 and np.array_equal(np.asarray(img), np.asarray(read_image(ds.samples[chosen][0])))
     picks = set()
     for epoch in range(12):
-        (img, target), _, _ = ds.load(index, epoch=epoch, seed=7)
-        assert target == 0
-        picks.add(np.asarray(img).tobytes())
+        ds.epoch = epoch
+        picks.add(ds.pick(index))
+    assert all(ds.samples[j][1] == 0 and ds.samples[j][0] not in ds.report.bad for j in picks)
     assert len(picks) > 1  # a random image of the class, not always "the next one"
 
 
@@ -215,10 +213,9 @@ def unreadable_case(root: Path, drop_to: int | None = None) -> None:
         os.setgid(drop_to)
         os.setuid(drop_to)
     ds = open_split(root, "train", transform=tf)
-    assert ds.report.bad == {str(sub): "cannot list folder: Permission denied"}
-    report = DataReport()
-    assert sum(len(y) for _, y in make_loader(ds, 2, training=False, report=report)) == 1
-    assert report.bad == {str(locked): "permission denied"}
+    assert ds.report.bad == {str(sub): "cannot list folder: Permission denied",
+                             str(locked): "permission denied"}
+    assert sum(len(y) for _, y in make_loader(ds, 2, training=False)) == 1
 
 
 def test_unreadable_file_and_folder_are_skipped(tmp_path):
@@ -251,9 +248,8 @@ def test_a_split_with_no_readable_image_is_one_clear_error(tmp_path, capsys):
     (ds_root / "val" / "a").mkdir(parents=True)
     (ds_root / "val" / "a" / "x.png").write_bytes(b"")
     (ds_root / "val" / "a" / "y.jpg").write_text("no")
-    ds = open_split(ds_root, "val")
     with pytest.raises(DataError, match=r"no image in .* can be read \(2 tried\)"):
-        list(make_loader(ds, 2, training=False, workers=0))
+        open_split(ds_root, "val")
 
 
 # --- the commands: reports at the end, --strict ------------------------------------
@@ -271,15 +267,11 @@ def test_finetune_with_workers_survives_and_reports(messy, ckpt4, tmp_path, caps
     assert cli_run(args) == 0
     doc = json.loads(capsys.readouterr().out)
     data = doc["data"]
-    # 2 found by the scan, 4 by the decoder in the workers, 1 in the val split
+    # 2 found by the scan, 4 by the decoder, 1 in the val split
     assert data["bad_files"] == 7 and len(data["first_bad"]) == 5
     assert messy["scan_bad"] <= {Path(b["path"]).name for b in data["first_bad"]}
-    assert data["skipped_samples"] > 7  # met again in the second epoch
     assert data["ignored_files"] == 3 and data["empty_classes"] == ["c_empty"]
     assert doc["epochs"] == 2
-    # The count survives a resume: it lives in the train state.
-    state = torch.load(out / "state.pt", weights_only=True)
-    assert json.loads(state["data_report"])["skipped"] == data["skipped_samples"]
 
 
 def test_finetune_prints_the_report_on_stderr(messy, ckpt4, tmp_path, capsys):
@@ -310,7 +302,7 @@ def test_eval_reports_skipped_files_and_strict_names_a_decode_failure(messy, ckp
     assert [c["images"] for c in doc["per_class"]] == [1, 1, 0, 1]  # c_empty keeps its row
     assert cli_run(base) == 0
     assert "1 unreadable image file(s) skipped" in " ".join(capsys.readouterr().err.split())
-    assert cli_run([*base, "--strict"]) == 2  # found only when decoded, in a worker
+    assert cli_run([*base, "--strict"]) == 2  # found only by decoding it
     err = _the_error_line(capsys.readouterr().err)
     assert "zero.png: empty file (0 bytes)" in err
 
@@ -327,10 +319,9 @@ def _the_error_line(stderr: str) -> str:
 
 
 def test_report_lines_name_the_first_few():
-    report = DataReport()
-    report.add_skipped([(f"/d/{i}.png", "truncated image") for i in range(8)])
+    report = DataReport(bad={f"/d/{i}.png": "truncated image" for i in range(8)})
     (line,) = report_lines(report.to_dict())
-    assert line.startswith("8 unreadable image file(s) skipped (8 time(s) in all")
+    assert line.startswith("8 unreadable image file(s) skipped (--strict stops instead)")
     assert "/d/4.png (truncated image)" in line and "/d/5.png" not in line and "and 3 more" in line
     assert report_lines(DataReport().to_dict()) == []
 
@@ -355,7 +346,7 @@ def test_links_never_relabel_or_repeat_images(tmp_path):
     (a / "o.png").symlink_to(store / "o.png")  # one image out of the data folder: an image store
     (a / "loop.png").symlink_to("loop.png")    # ELOOP, named like an image
     ds = open_split(root, "train")
-    labels = {str(Path(p).relative_to(root / "train")): t for p, t in ds.reader.samples}
+    labels = {str(Path(p).relative_to(root / "train")): t for p, t in ds.samples}
     assert labels == {"a/a0.png": 0, "a/a1.png": 0, "a/o.png": 0, "a/sub/s.png": 0,
                       "b/b0.png": 1, "b/b1.png": 1}
     skipped = {str(Path(p).relative_to(a)): r for p, r in ds.report.links.items()}
@@ -411,41 +402,34 @@ def test_many_bad_files_spread_over_their_class_and_warn(tmp_path, caplog):
     for i in range(8):
         good_png(a / f"good{i}.png", i, size=8)
         good_png(b / f"b{i}.png", 10 + i, size=8)
-    ds = open_split(root, "train")
-    bad = [i for i, (p, _) in enumerate(ds.reader.samples) if Path(p).name.startswith("bad")]
-    picks = Counter()
-    for i in bad:
-        (img, target), skipped, _ = ds.load(i, epoch=0, seed=5)
-        assert target == 0 and len(skipped) == 1
-        picks[img.tobytes()] += 1
+    with caplog.at_level("WARNING"):
+        ds = open_split(root, "train")
+    assert caplog.text.count("class a: ") == 1  # warned once, when the split was opened
+    bad = [i for i, (p, _) in enumerate(ds.samples) if Path(p).name.startswith("bad")]
+    ds.seed = 5
+    picks = Counter(ds.pick(i) for i in bad)
     # Spread over the 8 readable images of the class (1000 / 8 = 125 each on average);
     # "the next readable one" would have drawn one image about a thousand times.
     assert len(picks) == 8 and max(picks.values()) < 300
-    fresh = open_split(root, "train")  # what a resumed process knows: nothing yet
-    for i in bad[::97]:
-        assert fresh.load(i, epoch=0, seed=5)[0][0].tobytes() == ds.load(i, epoch=0, seed=5)[0][0].tobytes()
+    assert all(Path(ds.samples[j][0]).name.startswith("good") for j in picks)
+    fresh = open_split(root, "train")  # what a resumed process knows
+    fresh.seed = 5
+    assert all(fresh.pick(i) == ds.pick(i) for i in bad[::97])
+    assert ds.report.bad_share == {"a": [1000, 1008]}
+    assert any("class a: 1000 of 1008 file(s) (99%) are unreadable" in line for line in report_lines(ds.report.to_dict()))
 
-    report = DataReport()
     loader = make_loader(open_split(root, "train", transform=tensor_transform(8)), 16,
-                         training=True, seed=5, report=report)
-    from gct_surgery.train.loaders import start_epoch
-
-    with caplog.at_level("WARNING"):
-        for epoch in range(2):
-            started = time.perf_counter()
-            start_epoch(loader, epoch)
-            assert sum(len(y) for _, y in loader) == 1008  # 1016 // 16 batches, none short
-            seconds = time.perf_counter() - started
-    assert len(report.bad) == 1000 and 990 <= report.skipped // 2 <= 1000
-    assert seconds < 5  # the second epoch decodes no bad file again
-    assert report.bad_share == {"a": [1000, 1008]}
-    # warned once, as soon as the share passed 5%; the report at the end has the count
-    assert caplog.text.count("class a: ") == 1 and "(5%) are unreadable" in caplog.text
-    assert any("class a: 1000 of 1008 file(s) (99%) are unreadable" in line for line in report.lines())
+                         training=True, seed=5)
+    for epoch in range(2):
+        started = time.perf_counter()
+        start_epoch(loader, epoch)
+        assert sum(len(y) for _, y in loader) == 1008  # 1016 // 16 batches, none short
+        seconds = time.perf_counter() - started
+    assert seconds < 5  # no bad file is decoded again
 
 
 def test_report_state_round_trip_keeps_links_and_shares():
-    report = DataReport(bad={"/x.png": "truncated image"}, skipped=3, links={"/up": "a symlink loop"},
+    report = DataReport(bad={"/x.png": "truncated image"}, links={"/up": "a symlink loop"},
                         bad_share={"a": [1, 2]})
     again = DataReport.from_state(json.loads(json.dumps(report.to_state())))
     assert again == report
@@ -455,12 +439,11 @@ def test_report_state_round_trip_keeps_links_and_shares():
 
 def test_a_resumed_run_replaces_bad_files_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch):
     """The replacement of a bad sample depends on (seed, epoch, index) only: a run stopped
-    mid-epoch and resumed in a new process (which knows no bad file yet) ends with the
-    very weights of an uninterrupted run."""
+    mid-epoch and resumed in a new process ends with the very weights of an
+    uninterrupted run."""
     from safetensors.torch import load_file
 
     from fixtures.runs import write_folder
-    from gct_surgery.train import faults
 
     data = write_folder(tmp_path / "data")
     for i, cls in enumerate(sorted((data / "train").iterdir())[:2]):
@@ -470,7 +453,6 @@ def test_a_resumed_run_replaces_bad_files_exactly_as_an_uninterrupted_one(tmp_pa
     args = ["--data", str(data), "--img-size", "32", "--batch-size", "7", "--workers", "0",
             "--epochs", "1", "--lr", "0.02", "--seed", "3"]
     assert cli_run(["finetune", str(ckpt), "--out", str(tmp_path / "ref"), *args]) == 0
-    monkeypatch.setattr(faults, "_steps", [0])
     monkeypatch.setenv("GCT_SURGERY_FAULT", "term:after_step:5")  # the full stage's 2nd step
     assert cli_run(["finetune", str(ckpt), "--out", str(tmp_path / "cut"), *args]) == 143
     monkeypatch.delenv("GCT_SURGERY_FAULT")

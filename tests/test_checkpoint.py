@@ -169,12 +169,21 @@ def test_tied_weights_round_trip(tmp_path):
         "    return Tied()\n")
     model, meta = open_model(f"{tmp_path}/tied.py:build")
     inject_model(model, meta, output=tmp_path / "t.safetensors", input_size=[4, 8, 8])
-    assert read_metadata(tmp_path / "t.safetensors").aliases  # the shared key is recorded
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        header = f.metadata()
+    dropped = {k: v for k, v in header.items() if k != METADATA_KEY}  # save_model's record
+    assert len(dropped) == 5 and read_metadata(tmp_path / "t.safetensors").aliases == dropped
     loaded = gct_surgery.load(tmp_path / "t.safetensors")
     assert loaded.a is loaded.b and loaded.a.gate is loaded.b.gate
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    # A file written before save_model: the dropped keys listed in the document's "aliases".
+    doc = {**json.loads(header[METADATA_KEY]), "aliases": dropped}
+    save_file(load_file(str(tmp_path / "t.safetensors")), str(tmp_path / "old.safetensors"),
+              metadata={METADATA_KEY: json.dumps(doc)})
+    with torch.no_grad():
+        assert torch.equal(gct_surgery.load(tmp_path / "old.safetensors")(x), model(x))
 
 
 def test_plain_safetensors_is_not_a_gct_checkpoint(tmp_path):

@@ -225,7 +225,8 @@ def test_python_3_10_is_refused_at_install(tmp_path):
 
 
 def test_yaml_numbers_written_as_text_are_numbers(tmp_path):
-    from gct_surgery.train.recipe import RecipeError, load_recipe
+    from gct_surgery.errors import UserError
+    from gct_surgery.train.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("lr: 1e-3\nstages:\n  - kind: gates\n    warmup: 5e-2\n"
@@ -236,5 +237,5 @@ def test_yaml_numbers_written_as_text_are_numbers(tmp_path):
     assert recipe.stages[1].base_lr == 1e-5 and recipe.stages[1].weight_decay == 0.01
 
     path.write_text("stages:\n  - kind: gates\n    lr: fast\n")
-    with pytest.raises(RecipeError, match="lr must be a number, got 'fast'"):
+    with pytest.raises(UserError, match="lr must be a number, got 'fast'"):
         load_recipe(path)

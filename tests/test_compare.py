@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from gct_surgery.cli import run as cli_run
 from gct_surgery.train.compare import compare
-from gct_surgery.train.comparison import plain_recipe
+from gct_surgery.train.compare import plain_recipe
 from gct_surgery.train.config import TrainConfig
 from gct_surgery.train.loop import finetune
 from gct_surgery.train.recipe import default_recipe, recipe_from_dict

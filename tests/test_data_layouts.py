@@ -17,8 +17,8 @@ from PIL import Image
 from gct_surgery.errors import DataError
 from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.train.config import COLOR_JITTER, CROP_SCALE, HFLIP, TrainConfig
-from gct_surgery.train.layouts import DataOptions, open_datasets, open_eval_split, recorded_options
-from gct_surgery.train.loaders import create_transform, resolve_data_config
+from gct_surgery.train.layouts import DataOptions, open_datasets, open_split, recorded_options
+from gct_surgery.train.data import create_transform, resolve_data_config
 from gct_surgery.train.outputs import read_run_info, read_run_json
 from gct_surgery.train.task import ClassificationTask
 
@@ -78,7 +78,7 @@ def test_csv_layout_trains_and_evaluates_counting_a_missing_file(folders, ckpt, 
 def test_csv_under_strict_stops_at_the_missing_file(folders, tmp_path):
     data = _csv_layout(folders, tmp_path / "csv")
     train, _ = open_datasets(data, DataOptions())
-    from gct_surgery.train.images import BadImageError, check_strict
+    from gct_surgery.train.data import BadImageError, check_strict
 
     with pytest.raises(BadImageError, match="gone.png: missing"):
         check_strict(train.report)
@@ -99,12 +99,12 @@ def test_malformed_csv_is_one_line_naming_the_row(folders, tmp_path):
 def test_val_split_is_disjoint_stratified_and_seeded(folders, tmp_path):
     data = _train_only(folders, tmp_path / "only")
     train, val = open_datasets(data, DataOptions(val_split=0.25, seed=3))
-    kept, held = {p for p, _ in train.reader.samples}, {p for p, _ in val.reader.samples}
+    kept, held = {p for p, _ in train.samples}, {p for p, _ in val.samples}
     assert not kept & held and len(kept | held) == 24
-    assert sorted(t for _, t in val.reader.samples) == [0, 0, 1, 1, 2, 2]  # 25% of 8 per class
+    assert sorted(t for _, t in val.samples) == [0, 0, 1, 1, 2, 2]  # 25% of 8 per class
     again = open_datasets(data, DataOptions(val_split=0.25, seed=3))[1]
     other = open_datasets(data, DataOptions(val_split=0.25, seed=4))[1]
-    assert again.reader.samples == val.reader.samples != other.reader.samples
+    assert again.samples == val.samples != other.samples
 
 
 def test_val_split_cli_trains_evaluates_and_resumes_on_the_held_out_files(folders, ckpt, tmp_path, cli):
@@ -123,10 +123,10 @@ def test_val_split_cli_trains_evaluates_and_resumes_on_the_held_out_files(folder
     assert val.fingerprint() == info["fingerprint"]["val"]
     # eval --split val scores exactly those files; --split train the rest.
     meta = read_metadata(out / "last.safetensors")
-    held = open_eval_split(data, "val", recorded_options(meta))
-    assert held.reader.samples == val.reader.samples
-    rest = open_eval_split(data, "train", recorded_options(meta))
-    assert not {p for p, _ in rest.reader.samples} & {p for p, _ in held.reader.samples}
+    held = open_split(data, "val", recorded_options(meta))
+    assert held.samples == val.samples
+    rest = open_split(data, "train", recorded_options(meta))
+    assert not {p for p, _ in rest.samples} & {p for p, _ in held.samples}
     ev = _cli(cli, "eval", str(out / "last.safetensors"), "--data", str(data), "--workers", "0", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["samples"] == 6
@@ -139,7 +139,7 @@ def test_val_split_with_a_val_split_and_no_val_split_at_all_are_one_line(folders
     with pytest.raises(DataError, match="pass --val-split 0.2"):
         open_datasets(data, DataOptions())
     with pytest.raises(DataError, match="pass --split train"):
-        open_eval_split(data, "val", DataOptions())
+        open_split(data, "val", DataOptions())
 
 
 # --- a class map ------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_class_map_fixes_the_indices_and_refuses_unknown_classes(folders, ckpt, 
     assert read_metadata(result.run_dir / "last.safetensors").data["class_names"] == order
     assert read_run_json(result.run_dir)["data"]["class_names"] == order
     train, _ = ClassificationTask(DataOptions(class_map=str(class_map))).datasets(folders, CFG, augment=False)
-    assert all(label == order.index(Path(path).parent.name) for path, label in train.reader.samples)
+    assert all(label == order.index(Path(path).parent.name) for path, label in train.samples)
     class_map.write_text(f"{order[0]}\n{order[1]}\n")  # one name per line, a class missing
     with pytest.raises(DataError, match=f"lack: {order[2]}; add them to the --class-map"):
         open_datasets(folders, DataOptions(class_map=str(class_map)))

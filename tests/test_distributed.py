@@ -45,12 +45,16 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     common = [str(ckpt), "--data", str(data), "--recipe", str(tmp_path / "r.toml"), "--img-size", "32",
               "--batch-size", "8", "--workers", "0", "--no-aug", "--seed", "1", "--device", "cpu"]
 
+    # both in fresh processes: a test process's earlier tests must not decide the numbers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     single = tmp_path / "single"
-    assert cli_run(["finetune", *common, "--out", str(single)]) == 0
+    proc = subprocess.run([str(Path(sys.executable).parent / "gct-surgery"), "finetune", *common,
+                           "--out", str(single)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
     multi = tmp_path / "multi"
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
                            str(Path(sys.executable).parent / "gct-surgery"), "finetune", *common,
                            "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300)
@@ -100,7 +104,7 @@ def test_a_two_process_comparison_runs_like_a_single_run(tmp_path):
     # process scores with the control's final weights.
     from gct_surgery.io.checkpoint import load_checkpoint
     from gct_surgery.train.evaluate import evaluate
-    from gct_surgery.train.loaders import resolve_data_config
+    from gct_surgery.train.data import resolve_data_config
     from gct_surgery.train.task import load_task
 
     arm = out / "seed-1" / "control"

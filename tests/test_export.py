@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
@@ -19,6 +20,7 @@ from gct_surgery.operations import open_model, inject_model
 from gct_surgery.core.surgery import gates, is_gate_parameter
 
 SIZE = [3, 48, 48]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def make_checkpoint(path, *, trained: bool, weights=None, seed: int = 0):
@@ -46,8 +48,8 @@ def trained(tmp_path_factory):
     return path, model
 
 
-def batch(n=2, seed=3):
-    return torch.randn(n, *SIZE, generator=torch.Generator().manual_seed(seed))
+def batch(n=2, seed=3, size=None):
+    return torch.randn(n, *(size or SIZE), generator=torch.Generator().manual_seed(seed))
 
 
 def test_full_export_then_load_is_bit_for_bit(trained, tmp_path):
@@ -151,7 +153,7 @@ def run_without_gct_surgery(script: str, cwd) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
-def test_onnx_name_writes_onnx_that_matches_pytorch_at_any_batch_size(cli, trained, tmp_path):
+def test_onnx_name_writes_onnx_that_matches_pytorch_at_any_batch_and_size(cli, trained, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     src, model = trained
@@ -159,12 +161,13 @@ def test_onnx_name_writes_onnx_that_matches_pytorch_at_any_batch_size(cli, train
     done = run_cli(cli, "export", src, "-o", out, "--json")  # no --format: the name says ONNX
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads(done.stdout)
-    assert doc["format"] == "onnx" and doc["verified_batch_sizes"] == [2, 3] and doc["max_abs_diff"] < 1e-4
+    assert doc["format"] == "onnx" and doc["max_abs_diff"] < 1e-4 and not doc["warnings"]
+    assert doc["verified_input_shapes"] == [[2, *SIZE], [3, 3, 80, 48]]  # one of them not square
     onnx.checker.check_model(onnx.load(str(out)))
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    for n in (1, 5):  # neither is the batch size it was exported with
-        x = batch(n, seed=n)
+    for n, size in ((1, SIZE), (5, [3, 64, 96])):  # neither batch nor size it was exported with
+        x = batch(n, seed=n, size=size)
         got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         with torch.no_grad():
             want = model(x)
@@ -186,12 +189,13 @@ def test_format_that_contradicts_the_name_is_refused_in_one_line(cli, trained, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pt2_loads_in_plain_torch_at_any_batch_size(trained, tmp_path):
+def test_pt2_loads_in_plain_torch_at_any_batch_and_size(trained, tmp_path):
     src, model = trained
     out = tmp_path / "m.pt2"
     result = export(src, out)
-    assert result.format == "pt2" and result.batch_sizes == [2, 3] and result.max_abs_diff < 1e-4
-    inputs = {n: batch(n, seed=10 + n) for n in (1, 3)}
+    assert result.format == "pt2" and result.max_abs_diff < 1e-4 and not result.warnings
+    assert result.input_shapes == [[2, *SIZE], [3, 3, 80, 48]]
+    inputs = {n: batch(n, seed=10 + n, size=[3, 48 + 16 * n, 48]) for n in (1, 3)}
     with torch.no_grad():
         torch.save({n: (x, model(x)) for n, x in inputs.items()}, tmp_path / "io.pt")
     child = run_without_gct_surgery("""
@@ -260,3 +264,22 @@ def test_timm_folder_refuses_gates_and_other_architectures(trained, tmp_path):
     with pytest.raises(gct_surgery.UserError, match="needs a timm architecture.*torchvision:squeezenet1_1.*tv-folder.pt2"):
         export(tv, f"{tmp_path / 'tv-folder'}/", unload=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.safetensors"]
+
+
+def test_static_keeps_the_size_and_a_fixed_size_model_falls_back(trained, tmp_path):
+    src, _ = trained
+    result = export(src, tmp_path / "static.pt2", static=True)
+    assert result.input_shapes == [[2, *SIZE], [3, *SIZE]] and not result.warnings
+    program = torch.export.load(str(tmp_path / "static.pt2")).module()
+    with pytest.raises(Exception):  # the height is fixed
+        program(batch(2, size=[3, 64, 48]))
+    # a head over flattened features takes one size only: said, and exported static
+    from gct_surgery.operations import inject_model, open_model
+
+    model, meta = open_model(f"{FIXTURES / 'seq_models.py'}:build_flat_cnn")
+    meta.data["input_size"] = [3, 16, 16]
+    result = inject_model(model, meta, input_size=[3, 16, 16])
+    save(model, tmp_path / "flat.safetensors", result.meta)
+    result = export(tmp_path / "flat.safetensors", tmp_path / "flat.pt2")
+    assert result.input_shapes == [[2, 3, 16, 16], [3, 3, 16, 16]]
+    assert "does not take other input sizes" in result.warnings[0] and "16x16" in result.warnings[0]

@@ -24,9 +24,9 @@ from gct_surgery import load
 from gct_surgery.io.checkpoint import save
 from gct_surgery.io.metadata import CheckpointMeta
 from gct_surgery.io.export import export
-from gct_surgery.core.forward import run_model
-from gct_surgery.operations import data_config, inject_model
-from gct_surgery.io.sources import ModelSource, build_model
+from gct_surgery.core.model import run_model
+from gct_surgery.operations import inject_model
+from gct_surgery.io.sources import ModelSource, build_model, model_data_config
 from gct_surgery.core.surgery import gated_modules
 from gct_surgery.core.targets import is_conv, select_targets
 
@@ -83,7 +83,7 @@ def _open(spec: str, kwargs: dict):
     torch.manual_seed(0)
     source = ModelSource(spec, kwargs)
     model = build_model(source).eval()
-    meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[], data=data_config(model))
+    meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[], data=model_data_config(model))
     return model, meta
 
 

@@ -25,9 +25,10 @@ import gct_surgery
 from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.cli import run as cli_run
 from gct_surgery.train.config import TrainConfig
-from gct_surgery.train.faults import NonFiniteLossError, WriteError
+from gct_surgery.io.atomic import WriteError
+from gct_surgery.train.faults import NonFiniteLossError
 from gct_surgery.train.loop import finetune
-from gct_surgery.train.progress import read_state
+from gct_surgery.train.state import read_state
 from gct_surgery.train.recipe import default_recipe
 
 from fixtures.disks import fill
@@ -277,11 +278,12 @@ def test_spawned_workers_ignore_sigterm():
 
     from torch.utils.data import TensorDataset
 
-    from gct_surgery.train.loaders import ReportingLoader, _Reported, _worker_init, collate_reported
+    from torch.utils.data import DataLoader
 
-    loader = ReportingLoader(_Reported(TensorDataset(torch.arange(2000.0))), batch_size=4,
-                             num_workers=2, collate_fn=collate_reported, worker_init_fn=_worker_init,
-                             multiprocessing_context="spawn")
+    from gct_surgery.train.data import _worker_init
+
+    loader = DataLoader(TensorDataset(torch.arange(2000.0)), batch_size=4, num_workers=2,
+                        worker_init_fn=_worker_init, multiprocessing_context="spawn")
     batches = iter(loader)
     next(batches), next(batches)  # one batch from each worker: both are past their init
     children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)

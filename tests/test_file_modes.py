@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from gct_surgery.io.atomic import atomic_folder, atomic_path, atomic_write_text
-from gct_surgery.io.safetensors_file import save_tensors
 
 ARGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
         "--lr", "0.02", "--seed", "3", "--stage", "gates"]
@@ -35,11 +35,12 @@ def umask():
 def test_every_kind_of_write_follows_the_umask(umask, tmp_path, mask, file_mode, folder_mode):
     umask(mask)
     atomic_write_text(tmp_path / "metrics.csv", "epoch\n0\n")
-    save_tensors(tmp_path / "last.safetensors", {"w": torch.zeros(3)}, {})  # safetensors' own file
+    with atomic_path(tmp_path / "last.safetensors") as tmp:
+        save_file({"w": torch.zeros(3)}, str(tmp))  # safetensors' own file
     with atomic_path(tmp_path / "state.pt") as tmp:
         torch.save({"step": 1}, tmp)
     with atomic_folder(tmp_path / "folder") as tmp:
-        save_tensors(tmp / "model.safetensors", {"w": torch.zeros(3)}, {})
+        save_file({"w": torch.zeros(3)}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text("{}")
     files = ["metrics.csv", "last.safetensors", "state.pt", "folder/model.safetensors", "folder/config.json"]
     assert {f: oct(mode(tmp_path / f)) for f in files} == {f: oct(file_mode) for f in files}

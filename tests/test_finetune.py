@@ -22,7 +22,7 @@ from gct_surgery.cli import run as cli_run
 from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.train.config import TrainConfig
 from gct_surgery.train.loop import finetune, resume
-from gct_surgery.train.progress import read_state
+from gct_surgery.train.state import read_state
 from gct_surgery.train.recipe import default_recipe
 
 from fixtures.runs import CLASSES, make_checkpoint, write_folder

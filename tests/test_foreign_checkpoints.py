@@ -113,7 +113,7 @@ def test_lightning_checkpoint_injects(tmp_path):
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state["criterion.weight"] = torch.ones(7)  # a loss module saved beside the network
     torch.save({"epoch": 4, "global_step": 40, "pytorch-lightning_version": "2.4.0", "state_dict": state,
-                "hyper_parameters": {"num_classes": 7, "lr": 0.01}, "optimizer_states": [],
+                "hyper_parameters": {"lr": 0.01}, "optimizer_states": [],  # classes: from the head
                 "lr_schedulers": []}, tmp_path / "epoch=4.ckpt")
     proc = run("inject", tmp_path / "epoch=4.ckpt", "--arch", "timm:test_resnet", "--input-size", "3,32,32")
     assert proc.returncode == 0, proc.stderr

@@ -22,6 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def checkpoint(tmp_path_factory):
     """A gated resnet10t whose gates have random gamma (both signs) and beta."""
     root = tmp_path_factory.mktemp("inspect")
+    torch.manual_seed(0)  # timm's init: unseeded, a gate could saturate at exactly 0 or 2
     model, meta = open_model("timm:resnet10t", num_classes=10)
     meta.data.update(input_size=[3, 40, 40], crop_pct=1.0)
     result = inject_model(model, meta, input_size=[3, 40, 40])
@@ -142,3 +143,14 @@ def test_cli_prints_the_verdict(checkpoint, capsys):
     assert gct_surgery.cli.run(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "gates active" in out and "would fold" in out and "compete" in out
+
+
+def test_img_size_reads_the_images_at_another_size(checkpoint, images):
+    from gct_surgery.analysis import inspect_checkpoint, load_images
+
+    path, _ = checkpoint
+    assert load_images(images, {"input_size": [3, 40, 40], "crop_pct": 1.0}, 2,
+                       img_size=64).shape == (2, 3, 64, 64)
+    recorded = inspect_checkpoint(path, data=images, limit=2)
+    larger = inspect_checkpoint(path, data=images, limit=2, img_size=64)
+    assert recorded.rows[0]["gate_p50"] != larger.rows[0]["gate_p50"]

@@ -22,14 +22,12 @@ from gct_surgery.core.surgery import inject
 from gct_surgery.errors import UserError
 from gct_surgery.io.checkpoint import load_checkpoint, read_metadata
 from gct_surgery.train.config import TrainConfig
-from gct_surgery.train.loop import finetune, resume
-from gct_surgery.train.overrides import override_stages
-from gct_surgery.train.progress import read_state
+from gct_surgery.train.loop import finetune, resume, with_drop_path
 from gct_surgery.train.recipe import Recipe, default_recipe
-from gct_surgery.train.regularize import regularizer_for
-from gct_surgery.train.stages import Stage, freeze_for_stage, make_optimizer, make_scheduler
+from gct_surgery.train.stages import (Stage, freeze_for_stage, make_optimizer, make_scheduler,
+                                      regularizer_for)
+from gct_surgery.train.state import read_state
 from gct_surgery.train.task import ClassificationTask
-from gct_surgery.train.world import with_drop_path
 
 FULL = Stage("full", "full", epochs=1, lr=0.05, base_lr=0.05, freeze_bn=True, warmup=0.0,
              opt="momentum", weight_decay=0.0, gate_weight_decay=0.0)
@@ -61,8 +59,17 @@ def test_smoothing_raises_the_loss_of_confident_predictions():
     confident = torch.nn.functional.one_hot(y, 3).float() * 8.0
     plain = regularizer_for(Stage("s", "full"), ClassificationTask(), _gated_model(), 4)
     smoothed = regularizer_for(Stage("s", "full", smoothing=0.2), ClassificationTask(), _gated_model(), 4)
-    assert smoothed.mix is None  # no mixing: timm's LabelSmoothingCrossEntropy on hard labels
-    assert smoothed.loss(confident, y) > plain.loss(confident, y) + 0.1
+    x = torch.rand(4, 3, 32, 32)
+    same, soft = smoothed(x, y)
+    assert same is x and soft.shape == (4, 3)  # no mixing: smoothed one-hot targets
+    loss = ClassificationTask().loss  # the task's own loss scores the soft targets
+    assert plain(x, y) == (x, y)  # every knob off: the batch as it is
+    assert loss(confident, soft) > loss(confident, y) + 0.1
+    # the same loss as timm's LabelSmoothingCrossEntropy on the hard labels
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    expected = LabelSmoothingCrossEntropy(smoothing=0.2)(confident, y)
+    assert loss(confident, soft) == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_smoothing_changes_the_training_loss_of_a_run(ckpt, data, tmp_path):
@@ -85,7 +92,7 @@ def test_mixup_and_cutmix_change_the_batch_and_soften_the_targets():
         assert not torch.equal(soft, torch.nn.functional.one_hot(y, 3).float())
         if stage.smoothing:  # folded into the mixed targets: no class gets zero
             assert soft.min() >= 0.1 / 3 - 1e-6
-        assert reg.loss(torch.randn(8, 3), soft).ndim == 0  # SoftTargetCrossEntropy
+        assert ClassificationTask().loss(torch.randn(8, 3), soft).ndim == 0  # soft targets
 
 
 def test_mixup_is_refused_for_a_task_without_soft_targets():
@@ -135,7 +142,7 @@ def test_grad_accum_gives_the_update_of_the_bigger_batch(ckpt, data, tmp_path):
     for run in ("big", "accum"):  # 24 images: one optimizer step per epoch either way
         state = read_state(tmp_path / run)
         assert (state["stage_step"], state["global_step"]) == (2, 2)
-    rows = [json.loads(read_state(tmp_path / r)["rows"]) for r in ("big", "accum")]
+    rows = [read_state(tmp_path / r)["rows"] for r in ("big", "accum")]
     assert [r["lr"] for r in rows[0]][1:] == pytest.approx([r["lr"] for r in rows[1]][1:])
 
 
@@ -253,15 +260,17 @@ def test_opt_sched_warmup_and_weight_decay_reach_timm():
 # --- per-stage values, messages ------------------------------------------------------
 
 def test_per_stage_values_from_the_command_line():
-    recipe = override_stages(default_recipe(), epochs="gates=4,full=5", lr="0.3", mixup="full=0.2",
-                             grad_accum="gates=2")
+    recipe = default_recipe().override(epochs="gates=4,full=5", lr="0.3", mixup="full=0.2",
+                                       grad_accum="gates=2")
     gates, full = recipe.stages
     assert (gates.epochs, full.epochs, gates.lr, full.lr) == (4, 5, 0.3, 0.3)
     assert (gates.mixup, full.mixup, gates.grad_accum, full.grad_accum) == (0.0, 0.2, 2, 1)
     with pytest.raises(UserError, match="its stages are gates, full"):
-        override_stages(default_recipe(), epochs="head=2")
-    with pytest.raises(UserError, match="whole number"):
-        override_stages(default_recipe(), grad_accum="two")
+        default_recipe().override(epochs="head=2")
+    with pytest.raises(UserError, match="--grad-accum 'two'.*whole number.*STAGE=VALUE"):
+        default_recipe().override(grad_accum="two")
+    with pytest.raises(UserError, match="--grad-accum 'gates=two'.*whole number.*STAGE=VALUE"):
+        default_recipe().override(grad_accum="gates=two")
 
 
 def test_nothing_to_train_names_the_next_command():

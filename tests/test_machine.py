@@ -1,4 +1,4 @@
-"""Threads and loader workers chosen from the machine (train/machine.py), said at the
+"""Threads and loader workers chosen from the machine (train/distributed.py), said at the
 start of a run and recorded; persistent loader workers that keep the data exact."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gct_surgery.errors import UserError
-from gct_surgery.train import machine
+from gct_surgery.train import distributed as machine
 from gct_surgery.train.config import TrainConfig
 
 
@@ -61,20 +61,17 @@ def test_this_process_cores_follow_its_affinity():
 # --- persistent workers keep the data exact -------------------------------------------
 
 def _loader(data, workers):
-    from gct_surgery.train.images import ImageFolderDataset
-    from gct_surgery.train.loaders import create_transform, make_loader
-    from gct_surgery.train.scan import class_folders
+    from gct_surgery.train.data import create_transform, make_loader
+    from gct_surgery.train.layouts import open_split
 
     cfg = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
            "interpolation": "bilinear", "crop_pct": 0.9}
-    folder = data / "train"
-    dataset = ImageFolderDataset(folder, {c: i for i, c in enumerate(class_folders(folder))},
-                                 transform=create_transform(cfg, training=True))
+    dataset = open_split(data, "train", transform=create_transform(cfg, training=True))
     return make_loader(dataset, 4, training=True, seed=5, workers=workers)
 
 
 def _epoch(loader, epoch, skip=0):
-    from gct_surgery.train.loaders import start_epoch
+    from gct_surgery.train.data import start_epoch
 
     start_epoch(loader, epoch, skip_batches=skip)
     return [(x.clone(), y.clone()) for x, y in loader]

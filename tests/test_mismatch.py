@@ -110,11 +110,11 @@ def test_in_chans_mismatch_says_in_chans(tmp_path, capsys):
     assert "takes 1 input channels and the model's 3" in line and line.endswith("pass --in-chans 1")
 
 
-def test_extra_prefix_is_named():
-    model = small_model()
-    state = {f"backbone.{k}": v for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"extra 'backbone\.' prefix .* strip 'backbone\.'"):
-        load_weights(model, state, what="w.pth")
+def test_extra_prefix_is_stripped_and_leftover_keys_named(tmp_path):
+    state = {f"backbone.{k}": v for k, v in small_model().state_dict().items()}
+    torch.save({**state, "backbone.extra.weight": torch.zeros(3, 2)}, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys \(extra.weight \[3, 2\]\)"):
+        open_model(str(tmp_path / "w.pth"), arch="timm:test_resnet", num_classes=4)
 
 
 def test_gated_state_dict_into_an_ungated_model(tmp_path):

@@ -279,7 +279,7 @@ def test_a_missing_neighbour_or_package_is_named(cli, tmp_path):
 def test_a_recorded_root_must_be_an_own_folder():
     import sysconfig
 
-    from gct_surgery.io.source_rules import check_recorded_source
+    from gct_surgery.io.sources import check_recorded_source
 
     check_recorded_source({"spec": "ownproj.net:build", "root": "/srv/project"})
     check_recorded_source({"spec": "ownproj.net:build", "root": sysconfig.get_paths()["purelib"]})
@@ -327,7 +327,7 @@ def test_preprocessing_is_recorded_or_the_assumption_named(tmp_path, caplog):
 
     from gct_surgery.analysis import load_images
     from gct_surgery.operations import inject_model, open_model
-    from gct_surgery.train.loaders import resolve_data_config
+    from gct_surgery.train.data import resolve_data_config
 
     model, meta = open_model(FACTORY)
     assert "mean" not in meta.data  # a user's model: nothing made up

@@ -75,6 +75,9 @@ def test_readme_workflow_runs_as_written(cli, tmp_path):
                           capture_output=True, text=True)
     assert demo.returncode == 0, demo.stderr[-2000:]
     shutil.copytree(README.parent / "tests" / "fixtures", tmp_path / "tests" / "fixtures")
+    from test_dense import write_readme_data
+
+    write_readme_data(tmp_path)  # the saliency and segmentation folders its section reads
     ran = 0
     for line in readme_commands():
         if line.startswith(("make ", "source ")) or "torchrun" in line:

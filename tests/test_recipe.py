@@ -6,7 +6,8 @@ import json
 import pytest
 
 from gct_surgery.cli import run as cli_run
-from gct_surgery.train.recipe import RecipeError, default_recipe, load_recipe, recipe_from_dict
+from gct_surgery.errors import UserError
+from gct_surgery.train.recipe import default_recipe, load_recipe, recipe_from_dict
 
 TOML = """
 opt = "sgd"          # a default for every stage
@@ -76,18 +77,18 @@ def test_only_and_override():
 def test_invalid_recipes_name_the_problem(tmp_path, text, message):
     path = tmp_path / "r.toml"
     path.write_text(text)
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(UserError, match=message):
         load_recipe(path)
 
 
 def test_bad_yaml_and_wrong_suffix_and_missing_file(tmp_path):
     (tmp_path / "r.yaml").write_text("stages: [unclosed")
-    with pytest.raises(RecipeError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(tmp_path / "r.yaml")
     (tmp_path / "r.json").write_text("{}")
-    with pytest.raises(RecipeError, match="toml or .yaml"):
+    with pytest.raises(UserError, match="toml or .yaml"):
         load_recipe(tmp_path / "r.json")
-    with pytest.raises(RecipeError, match="no such recipe"):
+    with pytest.raises(UserError, match="no such recipe"):
         load_recipe(tmp_path / "missing.toml")
 
 

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from gct_surgery.core.gate import GCT
-from gct_surgery.core.heads import replace_head
+from gct_surgery.core.model import replace_head
 from gct_surgery.core.surgery import gated_modules, inject
 from gct_surgery.errors import UserError
 from gct_surgery.train.stages import (Stage, bn_modules, freeze_for_stage, gate_parameters,
-                                      make_optimizer, param_groups, set_train_mode)
+                                      make_optimizer, set_train_mode, stage_param_groups)
 
 GATES = Stage("g", "gates", lr=0.1, weight_decay=0.05, gate_weight_decay=0.05)
 FULL = Stage("f", "full", lr=0.1, weight_decay=0.05, gate_weight_decay=0.05)
@@ -52,7 +52,7 @@ def test_gates_stage_options_add_head_and_bn_affine(model):
 def test_head_stage_trains_only_the_head(model):
     freeze_for_stage(model, HEAD)
     assert trainable(model) == {"fc.weight", "fc.bias"}
-    groups = {g["name"]: g for g in param_groups(model, HEAD)}
+    groups = {g["name"]: g for g in stage_param_groups(model, HEAD)}
     assert set(groups) == {"head_decay", "head_no_decay"} and groups["head_decay"]["lr"] == 0.1
     freeze_for_stage(model, Stage("h", "head", train_bn=True))
     assert "bn1.weight" in trainable(model) and "conv1.weight" not in trainable(model)

@@ -79,7 +79,7 @@ def test_one_seed_is_the_paired_mcnemar_variance_and_undetermined():
     assert v.conclusion == "undetermined" and v.ci95 is not None and v.mde is None
     assert v.text.startswith("undetermined: one seed; GCT +4.5 top1") and "--seeds 3" in v.text
     assert not any(w in v.text for w in DIRECTION_WORDS), v.text
-    assert should_stop(v, 1, 10)[0] is False
+    assert should_stop(v, 10)[0] is False
 
 
 def test_identical_arms_give_the_rule_of_three_and_equivalence():
@@ -94,7 +94,7 @@ def test_identical_arms_give_the_rule_of_three_and_equivalence():
     assert half95 == pytest.approx(-math.log(0.025) / n * 100)  # its two-sided 95% version
     assert v.conclusion == "equivalent" and "rule-of-three" in v.method
     assert v.text.startswith("equivalent within ±1 top1: GCT 0.0 (90% interval -0.6 to +0.6")
-    assert should_stop(v, 2, 10) == (True, "equivalent at 2 seeds")
+    assert should_stop(v, 10) == (True, "equivalent at 2 seeds")
     # a resolution below the bound cannot be reached with seeds: the floor only shrinks with N
     w = verdict(runs, runs, metric="top1", higher_is_better=True, resolution=0.5)
     assert w.conclusion == "inconclusive" and w.more_images_needed is True
@@ -109,7 +109,7 @@ def test_a_two_point_gain_is_named_and_covered():
     assert v.conclusion == "gct_better" and v.ci95[0] < 2.0 < v.ci95[1]
     assert v.ci95[0] > 0 and v.text.startswith("GCT better: +2.0 top1 (95% interval")
     assert "5 seeds x 5000 images" in v.text and "higher is better" in v.text
-    assert should_stop(v, 5, 10) == (True, "gct_better at 5 seeds")
+    assert should_stop(v, 10) == (True, "gct_better at 5 seeds")
     # the same data read the other way round is a loss
     w = verdict([p[1] for p in pairs], [p[0] for p in pairs], metric="top1",
                 higher_is_better=True)
@@ -169,7 +169,7 @@ def _auto(g, c, *, spent: bool, futility: bool, max_seeds: int, resolution):
         v = verdict(g[:s], c[:s], metric="top1", higher_is_better=True,
                     resolution=resolution, **looks)
         if futility:
-            if should_stop(v, s, max_seeds)[0]:
+            if should_stop(v, max_seeds)[0]:
                 return v.conclusion
         elif v.conclusion in ("gct_better", "control_better", "equivalent"):
             return v.conclusion
@@ -285,17 +285,15 @@ def test_should_stop_rules():
     g, c = [p[0] for p in pairs], [p[1] for p in pairs]
     v = verdict(g[:2], c[:2], metric="top1", higher_is_better=True, resolution=0.5,
                 looks=1, max_looks=9)
-    stop, why = should_stop(v, 2, 10)        # 300 images cannot resolve ±0.5 or a direction
+    stop, why = should_stop(v, 10)        # 300 images cannot resolve ±0.5 or a direction
     assert stop and why.startswith("futility") and 0 < FUTILITY < 0.5
-    assert should_stop(v, 2, 2) == (True, "reached the maximum of 2 seeds: inconclusive")
-    with pytest.raises(ValueError):
-        should_stop(v, 3, 10)                # the verdict is over 2 seeds
+    assert should_stop(v, 2) == (True, "reached the maximum of 2 seeds: inconclusive")
     # a large noisy gain at 2 seeds: a call at 10 seeds is likely, so keep going
     pairs = [_flips(rng, 5000, 500 + k, 400) for k in (-40, 40)]
     w = verdict([p[0] for p in pairs], [p[1] for p in pairs], metric="top1",
                 higher_is_better=True, resolution=0.5, looks=1, max_looks=9)
-    assert w.conclusion == "inconclusive" and should_stop(w, 2, 10)[1].startswith("continue")
-    assert should_stop(w, 2, 10)[0] is False
+    assert w.conclusion == "inconclusive" and should_stop(w, 10)[1].startswith("continue")
+    assert should_stop(w, 10)[0] is False
 
 
 def test_defaults_and_bad_input():

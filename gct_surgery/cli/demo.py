@@ -2,29 +2,27 @@
 several seeds, in about two minutes on 2 CPU cores."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ._app import app
-from ._output import info, print_json, print_table, warn
+from ._output import info, print_json, print_table
+from .verdict import print_comparison
 
 
-@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o",
                              help="Folder for the data, models and runs."),
     model: str = typer.Option("timm:resnet10t",
                               help="The small CNN that plays the user's existing model."),
-    img_size: int = typer.Option(32, help="Square input size."),
-    pretrain_epochs: int = typer.Option(3, help="Epochs that train the 'existing model'."),
-    gates_epochs: int = typer.Option(1, help="Epochs of the gates stage."),
-    full_epochs: int = typer.Option(1, help="Epochs of the full stage."),
-    seeds: int = typer.Option(3, help="Paired seeds of GCT and its control for the verdict "
-                                      "(seed 0's GCT arm is the fine-tune that is exported)."),
-    batch_size: int = typer.Option(128, help="Global batch size of every training step."),
+    img_size: int = typer.Option(32, min=1, help="Square input size."),
+    pretrain_epochs: int = typer.Option(3, min=1, help="Epochs that train the 'existing model'."),
+    gates_epochs: int = typer.Option(1, min=1, help="Epochs of the gates stage."),
+    full_epochs: int = typer.Option(1, min=1, help="Epochs of the full stage."),
+    seeds: int = typer.Option(3, min=1, help="Paired seeds of GCT and its control for the "
+                              "verdict (seed 0's GCT arm is the fine-tune that is exported)."),
+    batch_size: int = typer.Option(128, min=1, help="Global batch size of every training step."),
     per_class: Optional[str] = typer.Option(
         None, metavar="TRAIN,VAL", show_default="all: 300,100",
         help="Use only this many bundled train and val images a class (a quicker, "
@@ -54,69 +52,27 @@ def demo(
     print_table("gct-surgery demo", ["step", "top-1", "top-5", "seconds", "output"],
                 [[s.name, _pct(s.top1), _pct(s.top5), f"{s.seconds:.1f}", s.output or ""]
                  for s in result.steps])
-    share = 100 * result.params_added / max(result.params_base, 1)
-    info(f"gates: {result.gates}; parameters added: {result.params_added:,} "
-         f"({share:.2f}% of {result.params_base:,}); total {result.seconds:.0f} s")
-    for s in result.stages:
-        gamma = s.get("max_abs_gamma")
-        info(f"  stage {s['name']} (GCT, seed {result.seeds[0].seed}): "
-             f"{s.get('trained', s['kind'])}; {s.get('steps', 0)} steps, "
-             f"{s['trainable_params']:,} parameters"
-             + ("" if gamma is None else f", max |gamma| {gamma:.3g} at its end"))
-    print_table("GCT against its control, per seed (final epoch)",
-                ["seed", "GCT top-1", "control top-1", "GCT - control", "seconds"],
-                [[d.seed, _pct(d.gct), _pct(d.control), _signed(d.difference),
-                  f"{d.seconds:.1f}"] for d in result.seeds])
-    _print_verdict(result.verdict)
-    info("files written:")
-    for f in result.files:
-        info(f"  {f}")
-    info("the same steps by hand:")
-    for c in result.commands:
-        info(f"  {c}")
-
-
-def _print_verdict(v: dict) -> None:
-    """The conclusion, the difference, its interval, the MDE and the seeds; then the
-    sentence that says what they mean."""
-    if not v:
-        warn("no verdict (the comparison gave none)")
-        return
-    ci = v.get("ci95")
-    unit = f" {v['metric']}"
-    info("did the gates help?", style="bold")
-    info(f"  conclusion: {v['conclusion']}", style="bold")
-    info(f"  difference (GCT - control): {_signed(v.get('difference'))}{unit}, mean over "
-         f"{v['seeds']} seed{'s' if v['seeds'] != 1 else ''} x {v.get('images', '?')} images")
-    info(f"  95% interval: {_signed(ci[0])} to {_signed(ci[1])}" if ci else
-         "  95% interval: none")
-    mde = v.get("mde")
-    info(f"  MDE (80% power): {mde:.2f}{unit}" if mde is not None else
-         "  MDE: unknown with one seed")
-    if v.get("resolution") is not None:
-        info(f"  resolution (equivalence bound): ±{v['resolution']:g}{unit}")
-    info(f"  {v['text']}")
+    added, base = result.injected.params_added, result.injected.base_params
+    info(f"gates: {result.injected.gates_total}; parameters added: {added:,} "
+         f"({100 * added / max(base, 1):.2f}% of {base:,}); total {result.seconds:.0f} s")
+    print_comparison(result.comparison)
+    info("\n  ".join(["files written:", *result.files]))
+    info("\n  ".join(["the same steps by hand:", *result.commands]))
 
 
 def _counts(text: Optional[str]):
+    """TRAIN,VAL (or one count for both) as (train, val)."""
     if text is None:
         return None
-    try:
-        counts = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        counts = ()
-    if len(counts) not in (1, 2) or min(counts) < 1:
+    parts = text.split(",")
+    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise typer.BadParameter(f"{text!r}: give TRAIN,VAL counts, e.g. 30,20",
                                  param_hint="--per-class")
-    return counts * 2 if len(counts) == 1 else counts
+    return tuple(int(p) for p in parts * 2)[:2]
 
 
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.1f}%"
-
-
-def _signed(v) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{v:+.2f}"
 
 
 def _progress(kind: str, payload: dict) -> None:

@@ -6,42 +6,29 @@ from typing import List, Optional
 
 import typer
 
-from ._app import app
-from ._choices import trust_source_option
-from ._output import info, print_json, print_kv, print_table, warn
+from ._output import info, print_json, print_kv, print_table, trust_source_option, warn
 
 SOURCE_HELP = ("timm:NAME, timm:hf-hub:ID, timm:local-dir:PATH, torchvision:NAME, path/to/file.py:factory, "
                "package.module:factory, or a checkpoint file (.safetensors/.pt/.pth/.bin/.ckpt; "
                "timm train.py's .pth.tar and Lightning's .ckpt included)")
 
 
-def parse_input_size(text: Optional[str]) -> Optional[list[int]]:
-    """'3,224,224' -> [3, 224, 224]."""
+def parse_numbers(text: Optional[str], hint: str, kind: type = float) -> Optional[list]:
+    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5] (one value serves every channel); with ``int``,
+    an input size: '3,224,224' (or 3x224x224) -> [3, 224, 224]."""
     if text is None:
         return None
     try:
-        size = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        size = []
-    if len(size) < 2 or min(size) < 1:
-        raise typer.BadParameter("give channels and spatial sizes, e.g. 3,224,224", param_hint="--input-size")
-    return size
-
-
-def parse_numbers(text: Optional[str], hint: str) -> Optional[list[float]]:
-    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; one value serves every channel."""
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
         values = []
+    if kind is int and (len(values) < 2 or min(values) < 1):
+        raise typer.BadParameter("give channels and spatial sizes, e.g. 3,224,224", param_hint=hint)
     if not values:
         raise typer.BadParameter("give numbers, one per input channel, e.g. 0.5,0.5,0.5", param_hint=hint)
     return values
 
 
-@app.command()
 def inject(
     source: str = typer.Argument(..., help=SOURCE_HELP, show_default=False),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the gated checkpoint (.safetensors); default: NAME.gct.safetensors beside a file SOURCE, or in the current folder. An existing file is replaced only when named here."),
@@ -71,19 +58,16 @@ def inject(
 ) -> None:
     """Put a GCT gate in front of every selected convolution, check that the output is
     unchanged, and write a self-describing checkpoint."""
-    size = parse_input_size(input_size)
+    size = parse_numbers(input_size, "--input-size", int)
     data = {"mean": parse_numbers(mean, "--mean"), "std": parse_numbers(std, "--std"),
             "interpolation": interpolation, "crop_pct": crop_pct}
     from ..core.gate import GateConfig
-    from ..operations import default_output, inject_model, open_source, plan, preprocessing_is_recorded
+    from ..operations import default_output, inject_model, open_source, plan
     from ..core.targets import TargetSpec
 
     targets = TargetSpec(include=tuple(include), exclude=tuple(exclude),
                          min_channels=min_channels, skip_depthwise=skip_depthwise, keep_1x1=keep_1x1)
-    try:
-        gate = GateConfig(mode=mode, eps=eps, after_relu=after_relu)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--mode") from None
+    gate = GateConfig(mode=mode, eps=eps, after_relu=after_relu)  # a bad --mode: one line
     if output is None and not dry_run:
         output = default_output(source)  # before the work: an existing file is refused
     from ..io.trust import trusting
@@ -96,12 +80,12 @@ def inject(
 
     if dry_run:
         rows = plan(model, targets, gate, input_size=size or meta.data.get("input_size"))
+        n = sum(r["action"] == "gate" for r in rows)
         if json_out:
-            print_json({"plan": rows, "gates": sum(r["action"] == "gate" for r in rows)})
+            print_json({"plan": rows, "gates": n})
             return
         print_table("plan (nothing written)", list(rows[0].keys()), [list(r.values()) for r in rows])
         _tell(opened)
-        n = sum(r["action"] == "gate" for r in rows)
         info(f"{n} gates, {sum(r['gate_params'] for r in rows):,} parameters would be added")
         return
 
@@ -130,7 +114,8 @@ def inject(
     if skipped_1x1:
         info(f"{len(skipped_1x1)} convolutions see a 1x1 input at {result.meta.data.get('input_size')} "
              f"and were not gated (GCT's l2 embedding would be |x|; --keep-1x1 gates them)")
-    if not preprocessing_is_recorded(result.meta):
+    recorded = result.meta.data
+    if any(recorded.get(k) is None or k in recorded.get("assumed", []) for k in ("mean", "std")):
         warn("no --mean/--std recorded: finetune, eval and inspect will assume ImageNet's "
              "(0.485, 0.456, 0.406)/(0.229, 0.224, 0.225); pass the model's own with --mean and --std")
 

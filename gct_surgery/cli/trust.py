@@ -6,11 +6,9 @@ from typing import Optional
 
 import typer
 
-from ._app import app
 from ._output import info, print_json, print_table
 
 
-@app.command()
 def trust(
     spec: Optional[str] = typer.Argument(None, show_default=False,
                                          help="The code: path/to/file.py:object, "
@@ -45,5 +43,4 @@ def trust(
         print_json({"store": str(store.store_path()), "path": str(ref.path), "attr": ref.attr,
                     "sha256": ref.sha256})
         return
-    info(f"trusted {ref.path}{':' + ref.attr if ref.attr else ''} (sha256 {ref.sha256[:12]}) "
-         f"in {store.store_path()}")
+    info(f"trusted {ref} (sha256 {ref.sha256[:12]}) in {store.store_path()}")

@@ -7,12 +7,9 @@ from typing import Optional
 
 import typer
 
-from ._app import app
-from ._choices import trust_source_option
-from ._output import info, plural, print_json, print_table, short_number, warn
+from ._output import info, plural, print_json, print_table, short_number, trust_source_option, warn
 
 
-@app.command()
 def verdict(
     out: Path = typer.Argument(..., show_default=False, metavar="OUT",
                                help="A comparison folder: OUT of finetune --baseline (seed-*/)."),
@@ -26,7 +23,7 @@ def verdict(
     """Did the gates help? The verdict over the finished seeds of OUT, and the seeds missing.
     Reads only: seeds still running are listed as missing."""
     from ..io.trust import trusting
-    from ..train.comparison import comparison_verdict
+    from ..train.compare import comparison_verdict
 
     with trusting(trust_source):  # a task's reduce is code the seeds' plans name
         result = comparison_verdict(out, resolution=resolution)
@@ -40,26 +37,22 @@ def print_comparison(comparison) -> None:
     """Per seed and arm, the final and best primary metric; what each stage trained, in
     words; then the verdict, its conclusion and numbers, and the seeds missing."""
     key = comparison.metric
-    rows = []
-    for runs in comparison.runs:
-        for arm in ("gct", "control", "plain"):
-            r = getattr(runs, arm)
-            if r is not None:
-                gamma = r.stages[-1].get("max_abs_gamma") if r.stages else None
-                rows.append([runs.seed, arm, (r.last or {}).get(key), (r.best or {}).get(key),
-                             "-" if gamma is None else short_number(gamma), r.seconds])
+    rows = [[runs.seed, arm, (r.last or {}).get(key), (r.best or {}).get(key),
+             short_number((r.stages or [{}])[-1].get("max_abs_gamma", float("nan"))), r.seconds]
+            for runs in comparison.runs for arm, r in runs.arms.items()]
     held = "gamma held at 0" if comparison.control == "static" else "gates removed"
-    columns = ["seed", "run", f"final {key}", f"best {key}", "final max |gamma|", "seconds"]
-    print_table(f"GCT against its control ({held}; {key}, final epoch)", columns, rows)
+    print_table(f"GCT against its control ({held}; {key}, final epoch)",
+                ["seed", "run", f"final {key}", f"best {key}", "final max |gamma|", "seconds"],
+                rows)
     first = comparison.runs[0]
     info(f"what trained, per stage (seed {first.seed}; every seed alike):")
-    for arm in ("gct", "control", "plain"):
-        r = getattr(first, arm)
-        for i, s in enumerate(r.stages if r is not None else ()):
+    for arm, r in first.arms.items():
+        for i, s in enumerate(r.stages):
             gamma = s.get("max_abs_gamma")
             info(f"  {arm if i == 0 else '':8} {s['name']}: {s.get('trained', s['kind'])}; "
                  f"{plural(s.get('steps', 0), 'step')}, {s['trainable_params']:,} parameters"
                  + ("" if gamma is None else f", max |gamma| {short_number(gamma)} at its end"))
+    info("did the gates help?", style="bold")
     for v in (comparison.verdict, comparison.plain_verdict):
         if v is not None:
             info(v.text)
@@ -69,18 +62,15 @@ def print_comparison(comparison) -> None:
     if comparison.missing:
         warn(f"missing seeds (not finished): {', '.join(map(str, comparison.missing))}; "
              f"the verdict is over the {plural(len(comparison.runs), 'seed')} that finished")
-    where = "; comparison.json and metrics.png beside them" if comparison.files else ""
-    info(f"runs in {comparison.out}/seed-*/{where}")
+    info(f"runs in {comparison.out}/seed-*/"
+         + ("; comparison.json and metrics.png beside them" if comparison.files else ""))
 
 
 def _numbers(v) -> str:
     """The conclusion and the numbers behind it, on one line."""
-    def num(x):
-        return "-" if x is None else f"{x:+.3g}"
-
-    level = f"{100 * (1 - v.alpha_look):.4g}%"  # 95% at one look; wider at an early look
-    ci = f"{level} interval {num(v.ci95[0])} to {num(v.ci95[1])}" if v.ci95 else "no interval"
-    parts = [f"conclusion: {v.conclusion}", f"difference {num(v.difference)} {v.metric}", ci,
+    ci = (f"{100 * (1 - v.alpha_look):.4g}% interval {v.ci95[0]:+.3g} to {v.ci95[1]:+.3g}"
+          if v.ci95 else "no interval")  # 95% at one look; wider at an early look
+    parts = [f"conclusion: {v.conclusion}", f"difference {v.difference:+.3g} {v.metric}", ci,
              f"MDE {short_number(v.mde)}" if v.mde is not None else "MDE unknown (one seed)",
              f"resolution ±{v.resolution:g}" if v.resolution is not None else "no resolution",
              plural(v.seeds, "seed")]

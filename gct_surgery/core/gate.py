@@ -49,18 +49,20 @@ from ..errors import ConfigError
 
 MODES = ("l2", "l1")
 IMPLS = ("fast", "reference")
+# Surgery puts a gate under its conv as the child ``gate``: ``<conv>.gate.{alpha,gamma,beta}``.
+GATE_ATTR = "gate"
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ConfigError(f"unknown GCT mode {mode!r}; choose one of {', '.join(MODES)}")
-    return mode
+def is_gate_parameter(name: str) -> bool:
+    """True for a state-dict key or parameter name that belongs to a gate. The one rule:
+    ``core.surgery`` re-exports it and every other module asks it."""
+    return f".{GATE_ATTR}." in f".{name}"
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ConfigError(f"unknown GCT impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    return impl
+def _check(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"unknown GCT {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
 
 
 def gct_reference(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *,
@@ -71,7 +73,7 @@ def gct_reference(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, bet
     Kept as the readable definition and as the baseline that benchmarks and tests
     compare the fast path against.
     """
-    _check_mode(mode)
+    _check(mode, MODES, "mode")
     # spatial_dims is passed by the module so that torch.fx can trace without x.dim().
     n_spatial = x.dim() - 2 if spatial_dims is None else spatial_dims
     spatial = tuple(range(2, 2 + n_spatial))
@@ -91,11 +93,6 @@ def gct_reference(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, bet
 
 # --------------------------------------------------------------------------- fast path
 
-def _fx_tracing() -> bool:
-    get = getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", None)
-    return bool(get()) if get is not None else False
-
-
 def is_tracing(x) -> bool:
     """True when the gate is being traced, compiled or exported rather than run.
 
@@ -107,13 +104,8 @@ def is_tracing(x) -> bool:
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
-        or _fx_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     )
-
-
-def _stat_dtype(x: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
-    # float32 for fp16/bf16/float32, float64 when anything is float64.
-    return torch.promote_types(torch.promote_types(x.dtype, alpha.dtype), torch.float32)
 
 
 def _as_stat(p: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -161,7 +153,8 @@ def _gate_forward(x, alpha, gamma, beta, mode, eps, after_relu):
     statistic (sqrt(sum x^2 + eps) for l2, sum z for l1), s = alpha * r, d the channel
     normaliser (N, 1, ...), th = tanh(t); all in the statistics dtype.
     """
-    sd = _stat_dtype(x, alpha)
+    # the statistics dtype: float32 for fp16/bf16/float32, float64 when anything is float64
+    sd = torch.promote_types(torch.promote_types(x.dtype, alpha.dtype), torch.float32)
     stat, scratch, is_norm = _spatial_statistic(x, mode, after_relu, sd)
     a = _as_stat(alpha, x, sd)
     if mode == "l2":
@@ -181,11 +174,8 @@ def _gate_forward(x, alpha, gamma, beta, mode, eps, after_relu):
 
 
 def _apply_gate(x: torch.Tensor, gate: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
-    if gate.dtype != x.dtype:
-        gate = gate.to(x.dtype)
-    if scratch is not None:
-        return torch.mul(x, gate, out=scratch)
-    return torch.mul(x, gate)
+    # ``out=None`` allocates: the same call with or without a scratch buffer to reuse
+    return torch.mul(x, gate.to(x.dtype), out=scratch)
 
 
 def _no_autocast(device_type: str):
@@ -197,9 +187,7 @@ def _no_autocast(device_type: str):
 
 def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     # g is (1, C, 1, ..., 1) in the statistics dtype; give it p's shape and dtype.
-    if g.shape != p.shape:
-        g = g.reshape(p.shape)
-    return g if g.dtype == p.dtype else g.to(p.dtype)
+    return g.reshape(p.shape).to(p.dtype)
 
 
 class _GCTFunction(torch.autograd.Function):
@@ -272,15 +260,14 @@ def gct(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.T
     Statistics in float32 (float64 for float64 inputs), output in x's dtype and memory
     format. Traced, compiled or exported, it falls back to ``gct_reference``.
     """
-    if is_tracing(x):
+    if is_tracing(x) or x.numel() == 0:  # an empty batch: a detector's head without boxes
         return gct_reference(x, alpha, gamma, beta, mode=mode, eps=eps,
                              after_relu=after_relu, spatial_dims=spatial_dims)
-    _check_mode(mode)
-    if spatial_dims is not None and x.dim() != spatial_dims + 2:
-        raise ValueError(f"GCT expects a {spatial_dims + 2}-D input (N, C, *spatial), "
+    _check(mode, MODES, "mode")
+    if x.dim() < 3 or (spatial_dims is not None and x.dim() != spatial_dims + 2):
+        rank = spatial_dims + 2 if spatial_dims else "at least 3"
+        raise ValueError(f"GCT expects an (N, C, *spatial) input, {rank}-D; "
                          f"got shape {tuple(x.shape)}")
-    if x.dim() < 3:
-        raise ValueError(f"GCT expects an (N, C, *spatial) input, got shape {tuple(x.shape)}")
     if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
                                     or gamma.requires_grad or beta.requires_grad):
         return _GCTFunction.apply(x, alpha, gamma, beta, mode, float(eps), bool(after_relu))
@@ -288,14 +275,6 @@ def gct(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.T
     with _no_autocast(x.device.type):
         gate, scratch, _ = _gate_forward(x, alpha, gamma, beta, mode, eps, after_relu)
         return _apply_gate(x, gate, scratch)
-
-
-def gate_values(x: torch.Tensor, alpha, gamma, beta, *, mode: str = "l2", eps: float = 1e-5,
-                after_relu: bool = False) -> torch.Tensor:
-    """The per-sample, per-channel gate, shape (N, C), in the statistics dtype (no grad)."""
-    with torch.no_grad(), _no_autocast(x.device.type):
-        gate = _gate_forward(x, alpha, gamma, beta, _check_mode(mode), eps, after_relu)[0]
-    return gate.reshape(gate.shape[:2])
 
 
 # --------------------------------------------------------------------------- module
@@ -325,16 +304,15 @@ class GCT(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = int(channels)
-        self.mode = _check_mode(mode)
+        self.mode = _check(mode, MODES, "mode")
         self.eps = float(eps)
         self.after_relu = bool(after_relu)
         self.spatial_dims = int(spatial_dims)
-        self.impl = _check_impl(impl)
+        self.impl = _check(impl, IMPLS, "impl")
         shape = (1, self.channels) + (1,) * self.spatial_dims
-        kw = dict(device=device, dtype=dtype)
-        self.alpha = nn.Parameter(torch.ones(shape, **kw))
-        self.gamma = nn.Parameter(torch.zeros(shape, **kw))
-        self.beta = nn.Parameter(torch.zeros(shape, **kw))
+        self.alpha = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        self.gamma = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        self.beta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = gct if self.impl == "fast" else gct_reference
@@ -344,27 +322,27 @@ class GCT(nn.Module):
             spatial_dims=self.spatial_dims,
         )
 
+    @torch.no_grad()
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate for input ``x``, shape (N, C), without applying it (no grad)."""
-        return gate_values(x, self.alpha, self.gamma, self.beta, mode=self.mode,
-                           eps=self.eps, after_relu=self.after_relu)
+        """The gate for input ``x``, shape (N, C), in the statistics dtype, not applied."""
+        with _no_autocast(x.device.type):
+            gate = _gate_forward(x, self.alpha, self.gamma, self.beta, self.mode, self.eps,
+                                 self.after_relu)[0]
+        return gate.reshape(gate.shape[:2])
 
     def extra_repr(self) -> str:
-        extra = ", after_relu=True" if self.after_relu else ""
-        if self.impl != "fast":
-            extra += f", impl={self.impl!r}"
-        return f"{self.channels}, mode={self.mode!r}, eps={self.eps}{extra}"
+        return (f"{self.channels}, mode={self.mode!r}, eps={self.eps}"
+                + (", after_relu=True" if self.after_relu else "")
+                + (f", impl={self.impl!r}" if self.impl != "fast" else ""))
 
 
 def set_gate_impl(model: nn.Module, impl: str) -> int:
     """Set ``impl`` ('fast' or 'reference') on every GCT in ``model``; returns how many."""
-    _check_impl(impl)
-    count = 0
-    for m in model.modules():
-        if isinstance(m, GCT):
-            m.impl = impl
-            count += 1
-    return count
+    _check(impl, IMPLS, "impl")
+    found = [m for m in model.modules() if isinstance(m, GCT)]
+    for m in found:
+        m.impl = impl
+    return len(found)
 
 
 @dataclass(frozen=True)
@@ -376,8 +354,4 @@ class GateConfig:
     after_relu: bool = False
 
     def __post_init__(self) -> None:
-        _check_mode(self.mode)
-
-    def build(self, channels: int, spatial_dims: int = 2, device=None, dtype=None) -> GCT:
-        return GCT(channels, mode=self.mode, eps=self.eps, after_relu=self.after_relu,
-                   spatial_dims=spatial_dims, device=device, dtype=dtype)
+        _check(self.mode, MODES, "mode")

@@ -14,20 +14,17 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.surgery import gated_modules, is_gate_parameter
-from ..errors import CheckpointError, SourceError
-from .checkpoint import is_gct_checkpoint, load_checkpoint, read_metadata, rebuild
+from ..errors import CheckpointError
+from .checkpoint import load_checkpoint, read_metadata, rebuild, stored_tensors
 from .metadata import METADATA_KEY, CheckpointMeta
-from .safetensors_file import dedupe_shared, read_tensors, restore_aliases, save_tensors
-from .source_rules import resolve_hub
-from .sources import ModelSource, build_model, parse_source
+from .sources import ModelSource, build_model, parse_source, resolve_hub
+from .state_dicts import is_safetensors, load_weights, read_header, require_file
 from .trust import require
-from .state_dicts import load_weights
 
 HASH_PREFIX = "sha256:"
 
@@ -37,9 +34,8 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not is_gate_parameter(k)}
 
 
-def base_hash(model_or_state: nn.Module | dict) -> str:
+def base_hash(state: dict) -> str:
     """sha256 over the base tensors in name order: name, dtype, shape and bytes."""
-    state = base_state(model_or_state) if isinstance(model_or_state, nn.Module) else model_or_state
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -59,12 +55,9 @@ def recorded_base(meta: CheckpointMeta) -> ModelSource:
     be rebuilt: the user has to name the base.
     """
     event = _open_event(meta)
-    spec = event.get("source") or meta.source.get("spec")
+    spec = event.get("source") or meta.source["spec"]  # both validated by read_metadata
     weights, pretrained = event.get("weights"), bool(event.get("pretrained"))
-    if not isinstance(spec, str):
-        raise CheckpointError("the checkpoint records no base model; pass --base SOURCE")
-    kind, _ = parse_source(spec)
-    if kind in ("timm", "torchvision") and not weights and not pretrained:
+    if parse_source(spec)[0] in ("timm", "torchvision") and not weights and not pretrained:
         raise CheckpointError(
             f"the checkpoint's base is {spec} with random initial weights, which cannot be "
             "rebuilt; pass --base SOURCE naming the base weights (e.g. a .safetensors file)")
@@ -92,47 +85,35 @@ def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | Non
             source = replace(source, weights=None)
         where = source.weights or source.spec
         return build_model(source, allow_pickle=source.kind == "pickle"), str(where)
-    text = str(base)
-    kind, location = parse_source(text)
-    if kind == "file":
-        path = Path(location)
-        if not path.is_file():
-            raise SourceError(f"no such base file: {path}")
-        if path.suffix == ".safetensors" and is_gct_checkpoint(path):
-            if read_metadata(path).kind != "full":
-                raise CheckpointError(f"{path} is a gates-only file, not a base model")
-            return load_checkpoint(path).model, text
-        arch = _open_event(meta).get("source") or meta.source.get("spec")
-        source = ModelSource(arch, dict(meta.source.get("kwargs") or {}), weights=text)
-        require(source.spec, root=root, named_by=named_by, what="base model code")
-        return build_model(source, allow_pickle=allow_pickle), text
-    source = ModelSource(text, dict(meta.source.get("kwargs") or {}))
+    text, kwargs = str(base), dict(meta.source.get("kwargs") or {})
+    if parse_source(text)[0] != "file":
+        return build_model(ModelSource(text, kwargs), allow_pickle=allow_pickle), text
+    require_file(text)
+    if is_safetensors(text) and METADATA_KEY in read_header(text)[1]:  # a gates-only one is refused
+        return load_checkpoint(text).model, text
+    arch = _open_event(meta).get("source") or meta.source.get("spec")
+    source = ModelSource(arch, kwargs, weights=text)
+    require(source.spec, root=root, named_by=named_by, what="base model code")
     return build_model(source, allow_pickle=allow_pickle), text
-
-
-def changed_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
-    """Every gate tensor, and every other tensor of ``model`` that the base lacks or
-    holds with another shape, dtype or value."""
-    reference = base_state(base)
-    out = {}
-    for name, t in model.state_dict().items():
-        ref = reference.get(name)
-        if (is_gate_parameter(name) or ref is None or ref.shape != t.shape
-                or ref.dtype != t.dtype or not torch.equal(ref, t)):
-            out[name] = t
-    return out
 
 
 def save_adapter(model: nn.Module, meta: CheckpointMeta, base: nn.Module, path: str | os.PathLike,
                  *, base_name: str) -> CheckpointMeta:
-    """Write the gates-only file for ``model`` relative to ``base``; returns its metadata."""
-    tensors, aliases = dedupe_shared(changed_tensors(model, base))
+    """Write the gates-only file for ``model`` relative to ``base`` (the caller's atomic
+    write holds ``path``); returns its metadata. A tied tensor is written once per name:
+    safetensors refuses shared storage, and an adapter is small."""
+    from safetensors.torch import save_file
+
+    same = base_state(base)  # every gate tensor, and every other one the base lacks or differs in
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for k, v in model.state_dict().items()
+               if not (k in same and same[k].dtype == v.dtype and torch.equal(same[k], v))}
     changed = sorted(k for k in tensors if not is_gate_parameter(k))
-    out = replace(meta, kind="gates-only", gated=list(gated_modules(model)), aliases=aliases,
-                  base_hash=base_hash(base))
+    out = replace(meta, kind="gates-only", gated=list(gated_modules(model)), aliases={},
+                  base_hash=base_hash(same))
     out = out.with_event("export-gates-only", base=base_name, base_hash=out.base_hash,
                          changed_base_tensors=changed)
-    save_tensors(path, tensors, {METADATA_KEY: out.to_json()})
+    save_file(tensors, str(path), metadata={METADATA_KEY: out.to_json()})
     return out
 
 
@@ -147,8 +128,6 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
     if meta.kind != "gates-only":
         raise CheckpointError(f"{gates} is a full checkpoint, not a gates-only file; load it "
                               "with load(path)")
-    if not meta.base_hash:
-        raise CheckpointError(f"{gates} records no base_hash; it cannot be checked against a base")
     base_model, base_name = resolve_base(meta, base, allow_pickle=allow_pickle, named_by=str(gates))
     state = base_state(base_model)
     found = base_hash(state)
@@ -157,10 +136,11 @@ def apply_adapter(gates: str | os.PathLike, base: str | os.PathLike | nn.Module 
                          if e.get("action") == "export-gates-only"), "another base")
         raise CheckpointError(
             f"{base_name} is not the base {gates} was made for ({made_for}): base weights hash "
-            f"{found[len(HASH_PREFIX):][:12]}, expected {meta.base_hash[len(HASH_PREFIX):][:12]}; "
+            f"{found.removeprefix(HASH_PREFIX)[:12]}, expected "
+            f"{str(meta.base_hash).removeprefix(HASH_PREFIX)[:12]}; "
             "pass the weights it was exported from as the base")
     model = rebuild(meta, named_by=str(gates))
-    tensors = restore_aliases(read_tensors(gates), meta.aliases)
+    tensors = stored_tensors(gates, meta)
     expected = model.state_dict()
     merged = {k: v for k, v in state.items()
               if k in expected and k not in tensors and v.shape == expected[k].shape}

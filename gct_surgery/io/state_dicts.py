@@ -1,122 +1,248 @@
-"""State dicts: reading one from a file, and loading one into a model with messages
-that name the first mismatching keys and shapes and say what to do."""
+"""Weights files: reading a state dict out of whatever a trainer wrote, and loading it
+into a model with messages that name the first mismatching keys and shapes.
+
+=====================  ==========================================================
+timm ``train.py``      ``{"state_dict", "state_dict_ema", "arch", "args", ...}``
+                       (``model_best.pth.tar``): the file names its architecture
+                       and class count; ``use_ema`` takes the EMA weights
+Lightning ``.ckpt``    ``{"state_dict": {"model.conv1.weight": ...}, ...}``: the
+                       prefix that makes the keys fit the model is stripped
+DDP, torch.compile     ``module.`` / ``_orig_mod.``: timm's ``clean_state_dict``
+fp16 / bf16            loaded into the float model (``load_state_dict`` casts)
+=====================  ==========================================================
+
+torch files load with ``weights_only=True`` (``argparse.Namespace`` allowed, as timm's
+loader allows it: timm's ``args``) unless the user passed ``allow_pickle`` for a path
+they typed: a pickle can run code, and a downloaded checkpoint is untrusted data.
+"""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..core.heads import classifier_name
+from ..core.model import classifier_name, dense_heads
 from ..core.surgery import is_gate_parameter
 from ..errors import CheckpointError, SourceError, first_line
-from .safetensors_file import is_safetensors, read_tensors
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+EMA_KEYS = ("state_dict_ema", "model_ema")  # timm's train.py; timm's loader also knows model_ema
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")  # timm's two, then PyTorch's tutorial's
+_ARCH_HPARAMS = ("arch", "model_name", "model", "architecture", "backbone")  # Lightning habits
+
+
+def _kind(path: str | os.PathLike) -> str:
+    """What a file holds by its first bytes, whatever its name says: ``"safetensors"``
+    (a header size, then the JSON header), ``"torch.save zip file"``, ``"pickle"`` or ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch.save zip file"
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # PROTO n
+    return "pickle" if pickled else ""
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """By content, or by a .safetensors name when the content says nothing else (a
+    gct-surgery checkpoint renamed to .pt is still one; a torch file named .safetensors
+    is not)."""
+    kind = _kind(path)
+    return kind == "safetensors" or (not kind and Path(path).suffix == ".safetensors")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, then: str = ""):
+    """``safetensors.safe_open``, the format's own reader, which validates the header
+    before any tensor byte is read; whatever it refuses is one line naming the file (a
+    torch file's with ``then``, what to do with it)."""
+    from safetensors import safe_open
+
+    kind = _kind(path)  # a folder: "cannot read it"
+    if kind and kind != "safetensors":
+        raise CheckpointError(f"{path} is not a safetensors file (it is a {kind}; a plain state "
+                              f"dict goes with --arch){then}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except Exception as e:  # safetensors' SafetensorError, or a dtype torch lacks
+        reason = first_line(e).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(f"{path} is not a safetensors file torch can read ({reason[:200]}; "
+                              "truncated?)") from None
+
+
+def read_header(path: str | os.PathLike, then: str = "") -> tuple[dict[str, list], dict[str, str]]:
+    """``({tensor: shape}, metadata)`` of a safetensors file; no tensor is read."""
+    with open_safetensors(path, then) as f:
+        return {k: f.get_slice(k).get_shape() for k in f.keys()}, f.metadata() or {}
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """Every tensor of a safetensors file, on the CPU."""
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def require_file(path: str | os.PathLike) -> None:
     """A file the user named must exist and be a file."""
-    p = Path(path)
-    if not p.exists():
-        raise SourceError(f"no such file: {p}")
-    if not p.is_file():
-        raise SourceError(f"not a file: {p}")
+    if not Path(path).is_file():
+        raise SourceError(f"{'not a file' if Path(path).exists() else 'no such file'}: {path}")
 
 
-def load_state_dict_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict:
-    """Read a state dict from a .safetensors or torch file, unwrapping the usual
-    containers (``state_dict``, ``model``) and the DDP and torch.compile prefixes.
-    Other trainers' files (an EMA to choose, a Lightning prefix) are ``foreign``'s.
+@dataclass(frozen=True)
+class WeightsFile:
+    """The weights a file holds, and what the file says about them."""
 
-    torch files load with ``weights_only=True`` unless ``allow_pickle``: a pickle can
-    run code, and a downloaded checkpoint is untrusted data. The file's bytes decide
-    how it is read, not its extension.
-    """
-    path = Path(path)
+    tensors: dict
+    trainer: str = ""  # "timm train.py", "Lightning", "pickled module", or "" (a state dict)
+    arch: str | None = None  # "timm:NAME" when the file names a timm architecture
+    num_classes: int | None = None  # from the file's training arguments
+    has_ema: bool = False
+
+    def describe(self, used_ema: bool) -> dict[str, Any]:
+        """What the file was, for the checkpoint's history."""
+        return {k: v for k, v in (("trainer", self.trainer), ("arch", self.arch),
+                                  ("ema", used_ema)) if v}
+
+
+def read_weights_file(path: str | os.PathLike, *, use_ema: bool = False,
+                      allow_pickle: bool = False) -> WeightsFile:
+    """The weights in a state-dict file or another trainer's checkpoint, by its bytes
+    (not its name). ``use_ema`` takes the EMA weights; a file without them is an error
+    rather than a silent fallback to the raw weights."""
     require_file(path)
     if is_safetensors(path):
-        return read_tensors(path)
-    return unwrap_state_dict(read_torch_file(path, allow_pickle=allow_pickle), path)
+        if use_ema:
+            raise SourceError(f"{path} is a safetensors file with one set of weights, no EMA; "
+                              "drop --use-ema")
+        return WeightsFile(read_tensors(path))
+    obj = read_torch_file(path, allow_pickle=allow_pickle)
+    held = obj if isinstance(obj, dict) else {}  # timm's unwrapping: EMA, state_dict, model
+    ema = next((k for k in EMA_KEYS if isinstance(held.get(k), dict)), None)
+    if use_ema and ema is None:
+        raise SourceError(f"{path} holds no EMA weights (no {' or '.join(EMA_KEYS)}); "
+                          "drop --use-ema")
+    key = ema if use_ema else next(
+        (k for k in WRAPPER_KEYS if isinstance(held.get(k), (dict, nn.Module))), None)
+    inner = held[key] if key else obj
+    tensors = _named_tensors(inner.state_dict() if isinstance(inner, nn.Module) else inner, path)
+    settings = _settings(held)
+    classes = settings.get("num_classes")
+    trainer = "pickled module" if isinstance(obj, nn.Module) else _trainer(held)
+    return WeightsFile(tensors, trainer=trainer,
+                       arch=_arch(held, settings), has_ema=ema is not None,
+                       num_classes=classes if type(classes) is int and classes > 0 else None)
 
 
 def read_torch_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:
-    """What a torch file holds, read with ``weights_only=True`` unless ``allow_pickle``.
-
-    ``argparse.Namespace`` is allowed, as timm's own loader allows it: timm's
-    ``train.py`` pickles its ``args`` into every checkpoint, and a Namespace only holds
-    attributes. Any other class still needs ``allow_pickle``.
-    """
+    """What a torch file holds, read with ``weights_only=True`` unless ``allow_pickle``."""
     import argparse
 
-    import torch
-
-    path = Path(path)
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise around one clear line
             warnings.simplefilter("ignore")
             with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
                 # a file object: torch would go by a .safetensors name
                 return torch.load(f, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        if not allow_pickle and "weights_only" in str(e):
-            raise CheckpointError(
-                f"{path} holds objects that only a full unpickle can build, and unpickling "
-                "runs code from the file; refused. Pass --allow-pickle only if you trust it") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(e)[:200]}") from None
     except Exception as e:  # torch raises many types on corrupt zips/pickles
+        if not allow_pickle and isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path} holds objects that only a full unpickle can build, and unpickling runs "
+                "code from the file; refused. Pass --allow-pickle only if you trust it") from None
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
                               f"{first_line(e)[:200]})") from None
 
 
-def unwrap_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict:
-    """The ``{name: tensor}`` inside what a torch file held, or a clear error."""
-    import torch
+def _named_tensors(obj: Any, path: str | os.PathLike) -> dict:
+    """The ``{name: tensor}`` of a state dict, without timm's DDP / compile prefixes."""
+    from timm.models import clean_state_dict
 
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    for _ in range(4):  # {'state_dict': {'model': {...}}} happens
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), (dict, nn.Module))), None)
-            if inner is None:
-                break
-            obj = inner.state_dict() if isinstance(inner, nn.Module) else inner
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (it holds a {type(obj).__name__}); "
-                              "save one with torch.save(model.state_dict(), PATH)")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
+               } if isinstance(obj, dict) else {}
     if not tensors:
-        keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
-        raise CheckpointError(f"{path} does not hold a state dict of named tensors (top-level keys: "
-                              f"{keys:.200}); save one with torch.save(model.state_dict(), PATH)")
-    return strip_wrapper_prefixes(tensors)
+        held = (f"top-level keys: {', '.join(repr(k) for k in list(obj)[:5]) or 'none'}"
+                if isinstance(obj, dict) else f"it holds a {type(obj).__name__}")
+        raise CheckpointError(f"{path} does not hold a state dict of named tensors ({held:.200}); "
+                              "save one with torch.save(model.state_dict(), PATH)")
+    return clean_state_dict(tensors)
 
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+def _trainer(obj: dict) -> str:
+    if "pytorch-lightning_version" in obj or "hyper_parameters" in obj:
+        return "Lightning"
+    timm_train = "state_dict_ema" in obj or ("arch" in obj and "state_dict" in obj)
+    return "timm train.py" if timm_train else ""
 
 
-def strip_wrapper_prefixes(tensors: dict) -> dict:
-    """Keys saved through DDP (``module.``) or torch.compile (``_orig_mod.``), wrapped
-    in either order, as the bare model names them."""
-    while tensors:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in tensors)), None)
-        if prefix is None:
-            break
-        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
+def _settings(obj: dict) -> dict:
+    """The training arguments a file carries: timm's ``args`` or Lightning's hparams."""
+    args, hparams = obj.get("args"), obj.get("hyper_parameters")
+    settings = vars(args) if hasattr(args, "__dict__") else args if isinstance(args, dict) else {}
+    return {**(hparams if isinstance(hparams, dict) else {}), **settings}
 
+
+def _arch(obj: dict, settings: dict) -> str | None:
+    """``timm:NAME`` when the file names a model timm knows (timm's ``arch``, its
+    ``args.model``, a Lightning hparam); a name timm does not know is not a guess."""
+    import timm
+
+    for name in (obj.get("arch"), *(settings.get(k) for k in _ARCH_HPARAMS)):
+        if isinstance(name, str) and name and timm.is_model(name.split(".")[0]):
+            return f"timm:{name}"
+    return None
+
+
+def classes_in(model: nn.Module, tensors: dict, fallback: int | None = None) -> int | None:
+    """The class count of the file's classifier (the row count of the weight under the
+    model's head name, a Lightning prefix stripped), else ``fallback`` (the file's
+    ``num_classes`` argument)."""
+    head = classifier_name(model) or next(iter(dense_heads(model)), None)
+    weight = _fitted(model, tensors)[0].get(f"{head}.weight") if head else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 2 else fallback
+
+
+def load_file_weights(model: nn.Module, tensors: dict, what: str) -> str | None:
+    """Load a file's weights into the model, the key prefix stripped to fit (returned)."""
+    tensors, prefix = _fitted(model, tensors)
+    load_weights(model, tensors, what=what)
+    return prefix
+
+
+def _fitted(model: nn.Module, tensors: dict) -> tuple[dict, str | None]:
+    """The tensors under the prefix where the model's keys all are, and that prefix: a
+    Lightning module saves its network under the attribute it was stored as (``model.``,
+    ``net.backbone.``), beside other modules (a loss, a teacher); keys left over under
+    that prefix are then named as unexpected."""
+    expected = set(model.state_dict())
+    if not expected <= set(tensors):
+        prefixes = {".".join(k.split(".")[:depth]) + "." for k in tensors
+                    for depth in (1, 2) if k.count(".") >= depth}
+        for candidate in sorted(prefixes, key=len):
+            inner = {k[len(candidate):]: v for k, v in tensors.items() if k.startswith(candidate)}
+            if expected <= set(inner):
+                return inner, candidate
+    return tensors, None
+
+
+# --- loading into a model ------------------------------------------------------------
 
 def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpoint",
                  allow_missing_gates: bool = True) -> None:
-    """Load ``state_dict`` into ``model``, naming the first mismatches when it does not fit.
-
-    Missing gate keys are expected (an original checkpoint loaded into a gated model):
-    the gates keep their identity initialisation.
-    """
+    """Load ``state_dict`` into ``model``, naming the first mismatches when it does not
+    fit. Missing gate keys are expected by default (an original checkpoint loaded into a
+    gated model): the gates keep their identity initialisation."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict
                and not (allow_missing_gates and is_gate_parameter(k))]
@@ -124,96 +250,90 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
     shapes = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in expected.items()
               if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
-        raise CheckpointError(describe_mismatch(model, missing, unexpected, shapes, what,
-                                                state_dict=state_dict))
+        raise CheckpointError(_mismatch(model, state_dict, missing, unexpected, shapes, what))
     try:
         model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # e.g. a dtype torch cannot copy into the parameter
         raise CheckpointError(f"{what} does not fit the model: {first_line(e)[:200]}") from None
 
 
-def describe_mismatch(model: nn.Module, missing: list, unexpected: list, shapes: list,
-                      what: str, state_dict: dict | None = None) -> str:
-    """One line naming what does not fit and what to do about it.
-
-    The diagnoses, most specific first: a classifier of another size (--num-classes),
-    gate tensors on one side only, keys under an extra prefix, another architecture
-    altogether (few keys in common), then the plain lists of keys and shapes.
-    """
+def _mismatch(model: nn.Module, state_dict: dict, missing: list, unexpected: list, shapes: list,
+              what: str) -> str:
+    """One line naming what does not fit and what to do about it. The diagnoses, most
+    specific first: a classifier of another size (--num-classes), the first conv's
+    input channels (--in-chans), gate tensors the model has no gates for, another
+    architecture altogether, then the plain lists of keys and shapes."""
     expected = model.state_dict()
-    file_shape = (lambda k: list(state_dict[k].shape)) if state_dict is not None else (lambda k: None)
-    if not missing and not unexpected:
-        hint = _class_count_hint(model, shapes) or _in_chans_hint(model, shapes)
-        if hint:
-            return f"{what}: {hint}"
-    if unexpected and not missing and not shapes and all(is_gate_parameter(k) for k in unexpected):
+    hint = _size_hint(model, shapes) if shapes and not missing and not unexpected else None
+    if hint:
+        return f"{what}: {hint}"
+    if unexpected and not missing and not shapes and all(map(is_gate_parameter, unexpected)):
         return (f"{what} holds {len(unexpected)} gate tensors ({_keys(unexpected)}) the model "
                 "has no gates for: open it as the gct-surgery checkpoint it came from, or "
                 "inject the same gates first")
-    if missing and not unexpected and not shapes and all(is_gate_parameter(k) for k in missing):
-        return (f"{what} lacks {len(missing)} gate tensors ({_keys(missing)}): it was saved "
-                "without gates, or from another injection; re-run inject on the base instead")
-    prefix = _prefix_hint(unexpected, missing)
-    if prefix:
-        return f"{what}: {prefix}"
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys ({_keys(missing, lambda k: list(expected[k].shape))})")
+        parts.append(f"{len(missing)} missing keys ({_keys(missing, expected)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys ({_keys(unexpected, file_shape)})")
+        parts.append(f"{len(unexpected)} unexpected keys ({_keys(unexpected, state_dict)})")
     if shapes:
-        firsts = "; ".join(f"{k}: file {list(got)}, model {list(want)}" for k, got, want in shapes[:3])
-        parts.append(f"{len(shapes)} shape mismatches ({firsts}{'; ...' if len(shapes) > 3 else ''})")
-    n_model = len(expected)
-    fitting = n_model - len(missing) - len(shapes)
-    if state_dict is not None and n_model and fitting < 0.8 * n_model and (missing or unexpected):
+        firsts = [f"{k}: file {list(got)}, model {list(want)}" for k, got, want in shapes[:3]]
+        more = "; ..." if len(shapes) > 3 else ""
+        parts.append(f"{len(shapes)} shape mismatches ({'; '.join(firsts)}{more})")
+    fitting = len(expected) - len(missing) - len(shapes)
+    if fitting < 0.8 * len(expected) and (missing or unexpected):
         return (f"{what} looks like weights for another architecture: only {fitting} of the "
-                f"model's {n_model} tensors match by name and shape ({'; '.join(parts)}). "
+                f"model's {len(expected)} tensors match by name and shape ({'; '.join(parts)}). "
                 "Pass the --arch it was trained with (timm and torchvision name the same "
                 "model's keys differently for most families)")
     return (f"{what} does not fit the model: {'; '.join(parts)}. "
             "Check --arch (and --num-classes / --in-chans) against how it was trained")
 
 
-def _keys(keys: list, shape=None, n: int = 3) -> str:
-    shown = [f"{k} {shape(k)}" if shape and shape(k) is not None else k for k in keys[:n]]
+def _keys(keys: list, shapes: dict | None = None, n: int = 3) -> str:
+    shown = [f"{k} {list(shapes[k].shape)}" if shapes and k in shapes else k for k in keys[:n]]
     return ", ".join(shown) + (", ..." if len(keys) > n else "")
 
 
-def _prefix_hint(unexpected: list, missing: list) -> str | None:
-    """Keys that only differ by a leading ``something.``: say which prefix to strip or add."""
-    if not unexpected or not missing or len(unexpected) < len(missing):
-        return None
-    firsts = {k.split(".", 1)[0] for k in unexpected if "." in k}
-    for prefix in sorted(firsts):
-        stripped = {k[len(prefix) + 1:] for k in unexpected if k.startswith(prefix + ".")}
-        if all(m in stripped for m in missing):
-            return (f"its keys carry an extra '{prefix}.' prefix ({unexpected[0]} is the "
-                    f"model's {unexpected[0][len(prefix) + 1:]}); save the inner module's "
-                    f"state_dict, or strip '{prefix}.' from the keys")
-    return None
-
-
-def _class_count_hint(model: nn.Module, shapes: list) -> str | None:
-    """A mismatch only in the classifier is a class-count mismatch: say so."""
-    if not shapes or len(shapes) > 2:
-        return None
+def _size_hint(model: nn.Module, shapes: list) -> str | None:
+    """Shapes that differ only in the classifier's rows (--num-classes) or only in the
+    first conv's input channels (--in-chans): say which option."""
     head = classifier_name(model)
-    if head and all(k.startswith(head + ".") for k, _, _ in shapes):
-        k, got, want = shapes[0]
+    first = next((n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)),
+                 None)
+    k, got, want = shapes[0]
+    if len(shapes) <= 2 and head and all(name.startswith(head + ".") for name, _, _ in shapes):
         return (f"the checkpoint's classifier has {got[0]} classes and the model's {want[0]} "
                 f"({k}: file {list(got)}, model {list(want)}); pass --num-classes {got[0]}")
-    return None
-
-
-def _in_chans_hint(model: nn.Module, shapes: list) -> str | None:
-    """A mismatch only in the first conv's input channels: say --in-chans."""
-    if len(shapes) != 1:
-        return None
-    k, got, want = shapes[0]
-    first = next((n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if (first is not None and k == f"{first}.weight" and len(got) == len(want) >= 3
-            and got[0] == want[0] and got[2:] == want[2:] and got[1] != want[1]):
+    if (len(shapes) == 1 and k == f"{first}.weight" and len(got) == len(want) >= 3
+            and (got[0], *got[2:]) == (want[0], *want[2:])):
         return (f"the checkpoint's first conv takes {got[1]} input channels and the model's "
                 f"{want[1]} ({k}: file {list(got)}, model {list(want)}); pass --in-chans {got[1]}")
     return None
+
+
+# --- non-finite weights ----------------------------------------------------------------
+
+def first_nonfinite(tensors) -> tuple[str, str] | None:
+    """``(name, what)`` of the first of ``(name, tensor)`` pairs holding a NaN or inf:
+    ``what`` says which and how many, e.g. ``"12 NaN of 4,608 values"``."""
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            parts = [f"{nan:,} NaN" if nan else "", f"{inf:,} inf" if inf else ""]
+            return name, f"{' and '.join(p for p in parts if p)} of {t.numel():,} values"
+    return None
+
+
+def refuse_nonfinite(tensors, source: str | os.PathLike, action: str) -> None:
+    """Refuse weights (a model, or ``(name, tensor)`` pairs) holding NaN or inf, naming
+    the file and the first such tensor: the fault is the file's, not the export's (or
+    the learning rate's)."""
+    if isinstance(tensors, nn.Module):
+        tensors = itertools.chain(tensors.named_parameters(), tensors.named_buffers())
+    found = first_nonfinite(tensors)
+    if found is not None:
+        raise CheckpointError(
+            f"{source} holds non-finite weights (first: {found[0]}, {found[1]}), so it cannot be "
+            f"{action}; use an earlier checkpoint, e.g. a run folder's best.safetensors or one "
+            "saved before the weights diverged")

@@ -14,8 +14,12 @@ consent, not location. The code runs only when the user
   attribute. A changed file is a different choice: the tool asks again.
 
 Before consent nothing is imported and ``sys.path`` is untouched: the code's files are
-found and hashed by path alone. Files the factory imports from beside it are not hashed.
-Refusals are one line and never prompt (jobs on a cluster have nobody to ask).
+found and hashed by path alone (``locate``). Files the factory imports from beside it
+are not hashed. Refusals are one line and never prompt (jobs on a cluster have nobody
+to ask). After consent, ``import_object`` imports the code as a script would: a
+``file.py`` with its own folder first on the import path (its neighbours import), a
+``package.module`` from its recorded ``root`` or the current folder, the import path
+restored afterwards.
 """
 from __future__ import annotations
 
@@ -24,20 +28,23 @@ import contextvars
 import datetime
 import hashlib
 import json
+import importlib
+import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from ..errors import CheckpointError, SourceError, UserError
+from ..errors import CheckpointError, SourceError, UserError, first_line
 from .atomic import atomic_write_text, make_folder
-from .sources import parse_source
+
+IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 
 STORE_ENV = "GCT_SURGERY_TRUST_FILE"
-STORE_VERSION = 1
 _granted = contextvars.ContextVar("gct_surgery_trust_source", default=False)
-_chosen: set[tuple[str, str, str]] = set()  # this process's choices, if the store is read-only
+_chosen: list[dict] = []  # this process's choices, if the store is read-only
 
 
 class UntrustedCodeError(CheckpointError):
@@ -54,13 +61,16 @@ class CodeRef:
     attr: str        # the factory or task object; "" for a pickle
     sha256: str
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (str(self.path), self.sha256, self.attr)
+    def entry(self) -> dict:
+        return {"path": str(self.path), "attr": self.attr, "sha256": self.sha256}
 
-    def trust_command(self) -> str:
-        root = f" --root {self.root}" if self.root else ""
-        return f"gct-surgery trust {self.spec}{root}"
+    def matches(self, entry: dict, *, same_bytes: bool = True) -> bool:
+        """Whether a store entry is this code (``same_bytes=False``: at any hash)."""
+        return ((entry.get("path"), entry.get("attr")) == (str(self.path), self.attr)
+                and (not same_bytes or entry.get("sha256") == self.sha256))
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.attr}" if self.attr else str(self.path)
 
 
 @contextlib.contextmanager
@@ -73,20 +83,31 @@ def trusting(enabled: bool = True) -> Iterator[None]:
         _granted.reset(token)
 
 
+def code_spec(spec: Any) -> tuple[str, str] | None:
+    """``(module, attribute)`` for a spec that names code: ``path/to/file.py:obj``,
+    ``package.module:obj``, or ``pickle:PATH`` as ``(PATH, "")``; None for any other."""
+    if not isinstance(spec, str) or spec.startswith(("timm:", "torchvision:")):
+        return None
+    if spec.startswith("pickle:"):
+        return (spec[len("pickle:"):], "") if spec != "pickle:" else None
+    module, sep, attr = spec.rpartition(":")
+    dotted = re.fullmatch(rf"{IDENTIFIER}(\.{IDENTIFIER})*", module)
+    return (module, attr) if sep and re.fullmatch(IDENTIFIER, attr) and (
+        module.endswith(".py") or dotted) else None
+
+
 def locate(spec: str, root: str | None = None) -> CodeRef:
     """The file(s) ``spec`` would run and their sha256, found by path, never imported."""
-    kind, location = parse_source(spec)
-    if kind == "pickle":
-        files, attr = [_existing(Path(location), spec)], ""
-    elif kind == "factory":
-        module_ref, _, attr = location.rpartition(":")
-        if module_ref.endswith(".py"):
-            files = [_existing(Path(module_ref), spec)]
-        else:
-            files = _module_files(module_ref, root, spec)
-    else:
+    if code_spec(spec) is None:
         raise SourceError(f"{spec!r} names no code (a file.py:object, package.module:object "
                           "or pickle:PATH)")
+    module_ref, attr = code_spec(spec)
+    if not attr or module_ref.endswith(".py"):
+        files = [Path(module_ref).expanduser().resolve()]
+        if not files[0].is_file():
+            raise SourceError(f"{spec}: no such file {files[0]}")
+    else:
+        files = _module_files(module_ref, root, spec)
     digest = hashlib.sha256()
     for f in files:  # a package module runs its packages' __init__.py files first
         data = f.read_bytes()
@@ -94,34 +115,17 @@ def locate(spec: str, root: str | None = None) -> CodeRef:
     return CodeRef(spec, root, files[-1], attr, digest.hexdigest())
 
 
-def _existing(path: Path, spec: str) -> Path:
-    resolved = path.expanduser().resolve()
-    if not resolved.is_file():
-        raise SourceError(f"{spec}: no such file {resolved}")
-    return resolved
-
-
 def _module_files(module_ref: str, root: str | None, spec: str) -> list[Path]:
     """``package/__init__.py ... module.py`` for ``package.module``, looked up in ``root``
     or else on the import path, the way the import system would find it."""
-    parts = module_ref.split(".")
-    folders = [root] if root else [os.getcwd(), *(p or os.getcwd() for p in sys.path)]
-    for folder in folders:
-        base, files = Path(folder), []
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if (base / part / "__init__.py").is_file():
-                base = base / part
-                files.append(base / "__init__.py")
-            elif last and (base / f"{part}.py").is_file():
-                files.append(base / f"{part}.py")
-            elif not last and (base / part).is_dir():
-                base = base / part  # a namespace package: no __init__.py to run
-            else:
-                files = []
-                break
-        if files:
-            return [f.resolve() for f in files]
+    *packages, last = module_ref.split(".")
+    for folder in [root] if root else [os.getcwd(), *(p or os.getcwd() for p in sys.path)]:
+        base = Path(folder).joinpath(*packages)
+        found = [f for f in (base / last / "__init__.py", base / f"{last}.py") if f.is_file()]
+        if found:  # a namespace package has no __init__.py to run
+            inits = [Path(folder).joinpath(*packages[:i], "__init__.py")
+                     for i in range(1, len(packages) + 1)]
+            return [f.resolve() for f in [*inits, found[0]] if f.is_file()]
     where = root or "the import path"
     raise SourceError(f"{spec}: cannot find {module_ref} in {where}")
 
@@ -155,23 +159,14 @@ def read_store(path: Path) -> list[dict]:
     return [e for e in entries if isinstance(e, dict)]
 
 
-def is_trusted(ref: CodeRef) -> bool:
-    if _granted.get() or ref.key in _chosen:
-        return True
-    return any((e.get("path"), e.get("sha256"), e.get("attr")) == ref.key
-               for e in read_store(store_path()))
-
-
 def remember(spec: str, root: str | None = None) -> CodeRef | None:
     """Record that the user chose ``spec`` (a factory, task or pickle they named), so
     files that name it open without a flag. None for a spec that names no code."""
-    if not isinstance(spec, str) or parse_source(spec)[0] not in ("factory", "pickle"):
-        return None
     try:
         ref = locate(spec, root)
-    except SourceError:  # nothing there to remember: the import says what is wrong
+    except SourceError:  # no code, or nothing there to remember: the import says what is wrong
         return None
-    _chosen.add(ref.key)
+    _chosen.append(ref.entry())
     path = store_path()
     from filelock import FileLock
 
@@ -179,13 +174,12 @@ def remember(spec: str, root: str | None = None) -> CodeRef | None:
         make_folder(path.parent, "config folder")
         with FileLock(str(path) + ".lock", timeout=60):  # array jobs may write at once
             entries = read_store(path)
-            if any((e.get("path"), e.get("sha256"), e.get("attr")) == ref.key for e in entries):
+            if any(map(ref.matches, entries)):
                 return ref
-            entries = [e for e in entries if (e.get("path"), e.get("attr")) != ref.key[::2]]
-            entries.append({"path": str(ref.path), "attr": ref.attr, "sha256": ref.sha256,
-                            "spec": ref.spec, "added": datetime.datetime.now().isoformat(
-                                timespec="seconds")})
-            doc = {"format": "gct-surgery-trust", "version": STORE_VERSION, "entries": entries}
+            entries = [e for e in entries if not ref.matches(e, same_bytes=False)] + [
+                {**ref.entry(), "spec": ref.spec,
+                 "added": datetime.datetime.now().isoformat(timespec="seconds")}]
+            doc = {"format": "gct-surgery-trust", "version": 1, "entries": entries}
             atomic_write_text(path, json.dumps(doc, indent=1) + "\n", mode=0o600)
     except (UserError, OSError) as e:  # a read-only home: this process still remembers
         import warnings
@@ -198,15 +192,84 @@ def remember(spec: str, root: str | None = None) -> CodeRef | None:
 def require(spec: str, *, root: str | None = None, named_by: str, what: str = "code") -> None:
     """Refuse, in one line, to run the code a file names unless the user chose it. A spec
     that names no code (``timm:NAME``, a built-in task) needs no consent."""
-    if not isinstance(spec, str) or parse_source(spec)[0] not in ("factory", "pickle"):
+    if code_spec(spec) is None:
         return
     ref = locate(spec, root)
-    if is_trusted(ref):
+    if _granted.get() or any(map(ref.matches, _chosen)):
         return
-    changed = any((e.get("path"), e.get("attr")) == (str(ref.path), ref.attr)
-                  for e in read_store(store_path()))
+    entries = read_store(store_path())
+    if any(map(ref.matches, entries)):
+        return
+    changed = any(ref.matches(e, same_bytes=False) for e in entries)
     why = ("changed since you trusted it" if changed else "which you have not chosen to run")
     raise UntrustedCodeError(
-        f"{named_by} names {what} to run: {ref.path}{':' + ref.attr if ref.attr else ''}, "
+        f"{named_by} names {what} to run: {ref}, "
         f"{why}; refused. If you trust it, pass --trust-source (Python: trust_source=True) "
-        f"or remember it with `{ref.trust_command()}`")
+        f"or remember it with `gct-surgery trust {spec}{f' --root {root}' if root else ''}`")
+
+
+# --- user code: imported as a script would be -------------------------------------------
+
+def code_folder(location: str, root: str | None = None) -> str:
+    """The folder user code imports from: a file's own folder (its neighbours import),
+    else the package's recorded ``root``, else the current folder."""
+    module = location.rpartition(":")[0]
+    return str(Path(module).resolve().parent) if module.endswith(".py") else root or os.getcwd()
+
+
+@contextlib.contextmanager
+def on_import_path(folder: str) -> Iterator[None]:
+    """``folder`` first on the import path, as for a script's folder, for the block only."""
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
+
+
+def import_object(location: str, what: str = "SOURCE", error: type = SourceError,
+                  root: str | None = None):
+    """The object that ``path/to/file.py:name`` or ``package.module:name`` names, imported
+    from ``code_folder``. Shared by factory sources and ``--task``; ``error`` is the
+    UserError kind to raise. Whether code a *file* names may run at all is
+    ``trust.require``'s question, asked before this."""
+    module_ref, _, attr = location.rpartition(":")
+    folder, path = code_folder(location, root), Path(module_ref)
+    if module_ref.endswith(".py") and not path.is_file():
+        raise error(f"{what}: no such file: {path}" + (
+            "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"))
+    try:
+        with on_import_path(folder):
+            module = _import(module_ref)
+    except ImportError as e:
+        where = (f"the checkpoint recorded it in {root}: put {module_ref.split('.')[0]} there, "
+                 "or rebuild where it is importable" if root
+                 else f"looked in {folder} and on the import path")
+        raise error(f"{what}: cannot import {module_ref!r}: {first_line(e)} ({where})") from None
+    except Exception as e:  # the user's module raised while importing
+        raise error(f"{what}: {module_ref} failed to import: {type(e).__name__}: "
+                    f"{first_line(e)}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise error(f"{what}: {module_ref} has no {attr!r}")
+    return obj
+
+
+def _import(module_ref: str):
+    """A module by name, or a ``.py`` file as a module of its own (registered in
+    ``sys.modules``, where dataclasses and pickling look it up)."""
+    if not module_ref.endswith(".py"):
+        return importlib.import_module(module_ref)
+    name = f"gct_user_{abs(hash(str(Path(module_ref).resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, module_ref)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .machine import check_given
+from .distributed import check_given
 
 AMP_MODES = ("off", "bf16", "fp16")
-ARMS = ("gct", "control", "plain")  # what a run is in a comparison (train/compare.py)
 # Fine-tuning augmentation defaults, milder than timm's from-scratch ImageNet setting
 # (scale 0.08-1, jitter 0.4); chosen by benchmarks/study_augmentation.py, see
 # docs/finetuning.md "Augmentation: why this default".
@@ -25,8 +24,8 @@ class TrainConfig:
     data: str
     out: str
     batch_size: int = 32            # global, over all ranks
-    workers: int | None = None     # loader processes; None: auto (train/machine.py)
-    threads: int | None = None     # torch intra-op threads; None: auto (train/machine.py)
+    workers: int | None = None     # loader processes; None: auto (distributed.choose)
+    threads: int | None = None     # torch intra-op threads; None: auto (distributed.choose)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     amp: str = "off"                # off | bf16 (CPU or CUDA) | fp16 (CUDA)
@@ -41,44 +40,35 @@ class TrainConfig:
     ema: bool = False               # ModelEmaV3; validation and best.safetensors use it
     ema_decay: float | None = None  # None: suits the run's length (ema_decay_for)
     save_every: int = 0             # also write the train state every N steps (0: per epoch)
-    task: str | None = None         # module:object, see task.py; None = classification
+    task: str | None = None         # saliency, segmentation or module:object (task.py)
+    outputs: str | None = None      # saliency: the model gives probabilities or logits
+    iou_loss: bool = False          # saliency: IoU loss beside BCE
     metrics_format: str = "csv"     # csv | jsonl
     strict: bool = False            # stop at the first unreadable image instead of skipping it
     skip_nonfinite: int = 0         # batches with a NaN/inf loss to skip before stopping
-    fast_frozen: bool = False       # gates stages: frozen.frozen_base (opt-in; docs/performance.md)
     impl: str = "fast"              # gate implementation: fast (fused) or reference (official ops)
     arm: str = "gct"                # gct | control (gates removed) | plain: see compare.py
     channels_last: bool = False     # model and inputs in torch.channels_last
     drop_path: float = 0.0          # stochastic depth rate; a timm model is rebuilt with it
 
     def __post_init__(self) -> None:
+        # The CLI's options refuse out-of-range numbers (typer's min/max); these are the
+        # checks a library caller also needs, or that no option can express.
         if self.amp not in AMP_MODES:
             raise UserError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        if self.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.metrics_format not in ("csv", "jsonl"):
-            raise UserError("metrics format is csv or jsonl")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise UserError("--num-classes must be at least 1")
         check_given(self.threads, self.workers)
-        if self.skip_nonfinite < 0:
-            raise UserError("--skip-nonfinite must be 0 or more")
+        if not 0 < self.crop_scale <= 1:
+            raise UserError(f"--crop-scale {self.crop_scale}: choose a share in (0, 1], "
+                            f"e.g. {CROP_SCALE}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay {self.ema_decay}: choose a number in [0, 1), e.g. 0.999")
-        if not 0 < self.crop_scale <= 1:
-            raise UserError(f"--crop-scale {self.crop_scale}: choose a share in (0, 1], e.g. {CROP_SCALE}")
-        if not 0 <= self.hflip <= 1:
-            raise UserError(f"--hflip {self.hflip}: choose a probability in [0, 1], e.g. {HFLIP}")
-        if self.color_jitter < 0:
-            raise UserError(f"--color-jitter {self.color_jitter}: choose 0 or more, e.g. {COLOR_JITTER}")
         if self.val_split is not None and not 0 < self.val_split < 1:
-            raise UserError(f"--val-split {self.val_split}: choose a share in (0, 1), e.g. --val-split 0.2")
-        if self.class_map is not None:  # recorded: resume and eval find it from anywhere
-            self.class_map = str(Path(self.class_map).resolve())
+            raise UserError(f"--val-split {self.val_split}: choose a share in (0, 1), "
+                            "e.g. --val-split 0.2")
         if not 0 <= self.drop_path < 1:
             raise UserError(f"--drop-path {self.drop_path}: a rate in [0, 1), e.g. 0.1")
-        if self.arm not in ARMS:
-            raise UserError(f"unknown run arm {self.arm!r}; one of {', '.join(ARMS)}")
+        if self.class_map is not None:  # recorded: resume and eval find it from anywhere
+            self.class_map = str(Path(self.class_map).resolve())
         ref, sep, attr = (self.task or "").rpartition(":")
         if sep and ref.endswith(".py"):  # recorded in the checkpoint: eval finds it from anywhere
             self.task = f"{Path(ref).resolve()}:{attr}"
@@ -122,7 +112,7 @@ class RunResult:
     higher_is_better: bool = True             # for the primary metric
     stages: list[dict] = field(default_factory=list)  # per stage: trainable params, gate movement
     val_samples: int = 0                      # validation samples each row was measured on
-    machine: dict = field(default_factory=dict)  # machine.MachineChoice.to_dict(): threads, workers
+    machine: dict = field(default_factory=dict)  # distributed.MachineChoice.to_dict(): threads, workers
 
     @property
     def last(self) -> dict | None:

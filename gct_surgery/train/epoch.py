@@ -13,43 +13,32 @@ from torch import nn
 from ..errors import UserError
 from ..io.checkpoint import save
 from . import distributed
-from .device import autocast, batch_size_of, to_device
+from .distributed import autocast, batch_size_of, to_device
 from .evaluate import evaluate
-from .faults import NonFiniteLossError, fault_hook, nonfinite_loss, nonfinite_weight, stop_run, writing
-from .outputs import PER_IMAGE, write_metrics, write_per_image
-from .progress import write_state
-from .regularize import regularizer_for
-from .run import Run
-from .stages import Stage, set_train_mode
+from .faults import fault_point, nonfinite_loss, stop_run, writing
+from .outputs import RunDir, write_metrics, write_per_image
+from .state import Run, refuse_nonfinite_weights, write_state
+from .stages import Stage, regularizer_for, set_train_mode
 
 
 def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, optimizer,
                     scheduler, scaler, steps_per_epoch: int) -> None:
-    from .loaders import start_epoch
+    from .data import start_epoch
 
     cfg, device, progress = run.config, run.device, run.progress
     epoch_index = sum(s.epochs for s in run.recipe.stages[:progress.stage_index]) + progress.epoch
     start_epoch(loader, epoch_index, skip_batches=progress.step_in_epoch)
     set_train_mode(run.model, stage)
-    regularizer = regularizer_for(stage, run.task, run.model, run.per_rank_batch * stage.grad_accum)
+    mix = regularizer_for(stage, run.task, run.model, run.per_rank_batch * stage.grad_accum)
     t0 = time.perf_counter()
     for x, y in loader:  # one batch of grad_accum micro-batches: one optimizer step
         x, y = to_device(x, device), to_device(y, device)
         n = batch_size_of(run.task, y)
         optimizer.zero_grad(set_to_none=True)
-        loss = _forward_backward(run, stage, train_model, *regularizer(x, y), regularizer.loss, scaler)
-        loss_value = loss.item()  # the step's one host sync, after backward is queued
-        skip = distributed.broadcast_flag(not math.isfinite(loss_value))
+        loss_value, skip = _train_step(run, stage, train_model, *mix(x, y),
+                                       run.task.loss, optimizer, scaler)
         if skip:  # no update from this batch; raises once the allowance is spent
             nonfinite_loss(run, stage, loss_value, steps_per_epoch)
-        else:
-            if stage.clip_grad is not None:
-                _clip_gradients(optimizer, scaler, stage.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
         progress.last_lr, progress.last_base_lr = _lrs(optimizer)  # what this update used
         progress.stage_step += 1
         progress.step_in_epoch += 1
@@ -67,35 +56,58 @@ def train_one_epoch(run: Run, stage: Stage, train_model: nn.Module, loader, opti
                 and progress.step_in_epoch < steps_per_epoch):
             progress.epoch_sums.seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            save_state(run, optimizer, scheduler, scaler)
+            write_state(run, optimizer, scheduler, scaler)
             saved = True
-        fault_hook("after_step")
-        if run.stop is not None and distributed.broadcast_flag(run.stop.requested):
+        fault_point("after_step")
+        if distributed.broadcast_flag(run.stop.requested):
             progress.epoch_sums.seconds += time.perf_counter() - t0
             if not saved:
-                save_state(run, optimizer, scheduler, scaler)
+                write_state(run, optimizer, scheduler, scaler)
             stop_run(run, stage)
     progress.epoch_sums.seconds += time.perf_counter() - t0
 
 
-def _forward_backward(run: Run, stage: Stage, train_model: nn.Module, x: torch.Tensor, y,
-                      loss_fn, scaler) -> torch.Tensor:
+def _train_step(run: Run, stage: Stage, train_model: nn.Module, x: torch.Tensor, y, loss_fn,
+                optimizer, scaler) -> tuple[float, bool]:
     """Forward and backward of the batch in ``grad_accum`` micro-batches, each loss
-    divided by their count so the gradient is the whole batch's; DDP syncs gradients
-    on the last one only. Returns the batch's loss (detached)."""
+    divided by their count so the gradient is the whole batch's (DDP syncs gradients on
+    the last one only), then the update unless the loss is non-finite on any rank.
+    Returns the batch's loss and whether the update was skipped."""
     if run.config.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     parts = stage.grad_accum
-    xs, ys = torch.tensor_split(x, parts), _split(y, parts)
     total = torch.zeros((), device=x.device)
-    for i, (xi, yi) in enumerate(zip(xs, ys)):
-        quiet = i < parts - 1 and hasattr(train_model, "no_sync")
+    for i, (xi, yi) in enumerate(zip(torch.tensor_split(x, parts), _split(y, parts))):
+        last = i == parts - 1
+        quiet = not last and hasattr(train_model, "no_sync")
         with train_model.no_sync() if quiet else contextlib.nullcontext():
             with autocast(run.device, run.config.amp):
                 loss = loss_fn(train_model(xi), yi) / parts
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach().float()
-    return total
+            total += loss.detach().float()
+            if not last:
+                _backward(loss, optimizer, scaler)
+    loss_value = total.item()  # the step's one host sync, before the last backward
+    skip = distributed.broadcast_flag(not math.isfinite(loss_value))
+    _backward(loss, optimizer, scaler, stage.clip_grad, step=not skip)
+    return loss_value, skip
+
+
+def _backward(loss: torch.Tensor, optimizer, scaler, clip: float | None = None,
+              step: bool = False) -> None:
+    """Backward, then with ``step`` the gradient clip (timm's ``dispatch_clip_grad``) and
+    the update. Under fp16 timm's ``NativeScaler`` scales the loss and unscales the
+    gradients before the clip, so the norm is the true one."""
+    from timm.utils import dispatch_clip_grad
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler(loss, optimizer, clip_grad=clip, parameters=params, need_update=step)
+        return
+    loss.backward()
+    if step:
+        if clip is not None:
+            dispatch_clip_grad(params, clip, mode="norm")
+        optimizer.step()
 
 
 def _split(y, parts: int) -> list:
@@ -112,16 +124,6 @@ def _split(y, parts: int) -> list:
     raise UserError(f"--grad-accum cannot split targets of type {type(y).__name__}; run without it")
 
 
-def _clip_gradients(optimizer, scaler, max_norm: float) -> None:
-    """timm's ``dispatch_clip_grad`` on the trained parameters; fp16 gradients are
-    unscaled first, so the norm is the true one."""
-    from timm.utils import dispatch_clip_grad
-
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    dispatch_clip_grad([p for g in optimizer.param_groups for p in g["params"]], max_norm, mode="norm")
-
-
 def epoch_zero(run: Run) -> None:
     """Row 0: the model as it came, before any training, so every later row (and the
     control's) reads against it."""
@@ -131,7 +133,7 @@ def epoch_zero(run: Run) -> None:
                seconds=0.0, images=0)
     run.progress.add_row(row, run.task.primary_metric, run.task.higher_is_better, eligible=False)
     if run.dist.is_main:
-        with writing(run.run_dir / f"metrics.{run.config.metrics_format}", run.resume_hint):
+        with writing(run.run_dir / RunDir.metrics(run.config.metrics_format), run.resume_hint):
             write_metrics(run.run_dir, run.progress.rows, run.config.metrics_format)
     run.emit("epoch_end", row=row, improved=False)
 
@@ -139,7 +141,6 @@ def epoch_zero(run: Run) -> None:
 def _validate(run: Run, model: nn.Module, per_image: bool = False) -> dict:
     return evaluate(model, run.val_set, run.task, run.device, amp=run.config.amp,
                     batch_size=run.per_rank_batch, workers=run.machine.workers, ctx=run.dist,
-                    report=run.progress.data_report, strict=run.config.strict,
                     per_image=per_image)
 
 
@@ -157,9 +158,9 @@ def _row(run: Run, epoch: int, stage: str, metrics: dict, *, train_loss: float,
 def _lrs(optimizer) -> tuple[float, float]:
     """The stage's and the base weights' learning rates (stages.param_groups names them)."""
     lrs = {g.get("name"): g["lr"] for g in optimizer.param_groups}
-    own = next((lrs[k] for k in ("gate_beta", "gate_alpha_gamma", "head_decay", "head_no_decay")
-                if k in lrs), float("nan"))
-    return own, lrs.get("base_decay", lrs.get("base_no_decay", float("nan")))
+    return (next((lrs[k] for k in ("gate_beta", "gate_alpha_gamma", "head_decay", "head_no_decay")
+                  if k in lrs), float("nan")),
+            lrs.get("base_decay", lrs.get("base_no_decay", float("nan"))))
 
 
 def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
@@ -169,12 +170,7 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
     progress = run.progress
     final = (progress.stage_index == len(run.recipe.stages) - 1
              and progress.epoch == stage.epochs - 1)
-    bad = nonfinite_weight(run.model)
-    if bad is not None:  # a finite loss whose update overflowed: never save such weights
-        raise NonFiniteLossError(
-            f"the weights became non-finite in stage {stage.name!r}, epoch {progress.epoch + 1} "
-            f"(first: {bad}); nothing of this epoch was written, {run.run_dir} holds the last "
-            "good save. Lower the learning rate")
+    refuse_nonfinite_weights(run)
     eval_model = run.ema.module if run.ema is not None else run.model
     metrics = _validate(run, eval_model, per_image=final)
     sums = progress.epoch_sums
@@ -191,30 +187,19 @@ def end_epoch(run: Run, stage: Stage, optimizer, scheduler, scaler) -> None:
 
         meta = run.meta.with_event("finetune", stage=stage.to_dict(), epochs_completed=progress.epoch,
                                    metrics=json_safe(row))
-        hint = run.resume_hint
-        files = [("last.safetensors", run.model)]
+        files = [(RunDir.LAST, run.model)]
         if run.ema is not None:  # the average that was validated, beside the raw weights
-            files.append(("ema.safetensors", eval_model))
+            files.append((RunDir.EMA, eval_model))
         if improved:
-            files.append(("best.safetensors", eval_model))
-        for name, model in files:
-            with writing(run.run_dir / name, hint):
+            files.append((RunDir.BEST, eval_model))
+        # each write names its own file (io/atomic.py); ``writing`` adds how to go on
+        with writing(run.run_dir, run.resume_hint):
+            for name, model in files:
                 save(model, run.run_dir / name, meta)
-        with writing(run.run_dir / f"metrics.{run.config.metrics_format}", hint):
             write_metrics(run.run_dir, progress.rows, run.config.metrics_format)
-        if "per_image" in metrics:
-            with writing(run.run_dir / PER_IMAGE, hint):
+            if "per_image" in metrics:
                 write_per_image(run.run_dir, metrics["per_image"], run.task.primary_metric)
-    save_state(run, optimizer, scheduler, scaler)
+    write_state(run, optimizer, scheduler, scaler)
     run.emit("epoch_end", row=row, improved=improved)
-    if run.stop is not None and distributed.broadcast_flag(run.stop.requested):
+    if distributed.broadcast_flag(run.stop.requested):
         stop_run(run, stage)  # a signal during validation or the saves: the state is on disk
-
-
-def save_state(run: Run, optimizer, scheduler, scaler) -> None:
-    """The train state (``progress.write_state``), rank 0 only."""
-    if run.dist.is_main:
-        write_state(run.run_dir, run.progress, run.recipe.stages[run.progress.stage_index].name,
-                    meta_json=run.meta.to_json(), model=run.model, optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler,
-                    ema_model=run.ema.module if run.ema is not None else None, hint=run.resume_hint)

@@ -14,25 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.forward import evaluating
 from ..core.gate import set_gate_impl
-from ..core.heads import model_num_classes
+from ..core.model import evaluating, model_num_classes
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
+from ..io.state_dicts import refuse_nonfinite
 from ..io.metadata import CheckpointMeta
 from . import distributed
-from .device import autocast, batch_size_of, to_device
-from .faults import refuse_nonfinite
-from .images import DataReport, check_strict
-from .scan import class_folders, split_dir
-from .task import ClassificationTask, Task, TaskError, has_breakdown, load_task
+from .data import DataReport, check_strict, make_loader
+from .distributed import autocast, batch_size_of, to_device
+from .task import BUILT_IN_TASKS, ClassificationTask, Task, TaskError, load_task
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp: str = "off",
              batch_size: int = 64, workers: int = 0, ctx: distributed.Dist = distributed.Dist(),
-             report=None, strict: bool = False, breakdown: bool = False,
-             per_image: bool = False) -> dict:
+             breakdown: bool = False, per_image: bool = False) -> dict:
     """Loss and the task's metrics over ``dataset``, exact across ranks: a dict with
     ``loss``, ``samples`` and each of ``task.metric_names``.
 
@@ -41,55 +38,57 @@ def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp
     out), as a float64 CPU tensor.
 
     ``breakdown=True`` adds ``breakdown``, the task's table rows, when the task has the
-    hook (every rank must see at least one batch). Unreadable images are dropped and
-    counted into ``report`` (an ``images.DataReport``), or raise under ``strict``.
+    hook (every rank must see at least one batch). An image folder's unreadable images
+    are left out (``data.make_loader``).
     """
-    from .loaders import make_loader
-
     loader = make_loader(dataset, batch_size, training=False, workers=workers,
-                         rank=ctx.rank, world_size=ctx.world_size, report=report, strict=strict)
+                         rank=ctx.rank, world_size=ctx.world_size)
     names = list(task.metric_names)
-    sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss*n, n, metrics...
-    by_group = breakdown and has_breakdown(task)
-    group_sums: dict[str, torch.Tensor] = {}
+    sums: dict[Any, Any] = dict.fromkeys(("loss", "samples", *names), 0.0)
+    by_group = breakdown and all(callable(getattr(task, m, None))
+                                 for m in ("breakdown_sums", "breakdown"))
     keep = per_image and callable(getattr(task, "per_image", None))
-    kept: list[tuple[list[int], torch.Tensor]] = []
+    kept: list[torch.Tensor] = []
     with evaluating(model):
         for x, y in loader:
             x, y = to_device(x, device), to_device(y, device)
             with autocast(device, amp):
                 out = model(x)
-            n = batch_size_of(task, y)
-            batch = task.metric_sums(out, y)
-            sums += torch.tensor([task.loss(out, y).item() * n, n, *(batch[k] for k in names)],
-                                 dtype=torch.float64)
+            n, metric = batch_size_of(task, y), task.metric_sums(out, y)
+            batch = {"loss": task.loss(out, y).item() * n, "samples": n,
+                     **{k: metric[k] for k in names}}
+            if by_group:  # fixed-shape tensors, keyed apart from the metrics
+                batch.update({("breakdown", k): v for k, v in task.breakdown_sums(out, y).items()})
+            for k, value in batch.items():  # a number, or a tensor of counts
+                value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+                sums[k] = sums[k] + value if k in sums else value
             if keep:
-                values = task.per_image(out, y).detach().to("cpu", torch.float64)
-                kept.append((loader.batch_indices, values))
-            if by_group:
-                for key, value in task.breakdown_sums(out, y).items():
-                    value = value.detach().to("cpu", torch.float64)
-                    group_sums[key] = group_sums[key] + value if key in group_sums else value
-    sums = distributed.all_reduce_sum(sums)
-    n = max(sums[1].item(), 1.0)
-    result = {"loss": sums[0].item() / n, "samples": int(sums[1].item()),
-              **{k: sums[2 + i].item() / n for i, k in enumerate(names)}}
+                kept.append(task.per_image(out, y).detach().to("cpu", torch.float64))
+    sums = {k: distributed.all_reduce_sum(torch.as_tensor(v, dtype=torch.float64))
+            for k, v in sums.items()}
+    n = max(sums["samples"].item(), 1.0)
+    finish = getattr(task, "finish", None)  # dataset-level metrics from summed counts
+    metrics = finish(sums, int(n)) if callable(finish) else {k: sums[k].item() / n for k in names}
+    result = {"loss": sums["loss"].item() / n, "samples": int(sums["samples"].item()),
+              **{k: float(metrics[k]) for k in names}}
     if by_group:
-        totals = {k: distributed.all_reduce_sum(group_sums[k]) for k in sorted(group_sums)}
-        result["breakdown"] = task.breakdown(totals)
+        result["breakdown"] = task.breakdown({k[1]: v for k, v in sums.items()
+                                              if isinstance(k, tuple)})
     if keep:
         result["per_image"] = _in_order(kept)
     return result
 
 
-def _in_order(kept: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
-    """Every rank's per-image rows, in dataset order (an index met twice counts once)."""
-    pairs = [(i, row) for part in distributed.all_gather_objects(kept)
-             for indices, values in part for i, row in zip(indices, values)]
-    rows = dict(pairs)  # one row per index, however often a padded shard met it
-    if not rows:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack([rows[i] for i in sorted(rows)])
+def _in_order(kept: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's per-image rows in dataset order: of W ranks, rank r scored the
+    images r, r + W, r + 2W... (``data.make_loader``)."""
+    parts = [torch.cat(part) for part in distributed.all_gather_objects(kept) if part]
+    if len(parts) < 2:
+        return parts[0] if parts else torch.zeros(0, dtype=torch.float64)
+    rows = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=torch.float64)
+    for rank, part in enumerate(parts):
+        rows[rank::len(parts)] = part
+    return rows
 
 
 @dataclass
@@ -109,8 +108,8 @@ class EvalResult:
     breakdown: list[dict] = field(default_factory=list)
     breakdown_name: str = "breakdown"
     breakdown_title: str = "breakdown"
-    data: dict = field(default_factory=dict)  # images.DataReport.to_dict(): bad files skipped...
-    machine: dict = field(default_factory=dict)  # machine.MachineChoice.to_dict(): threads, workers
+    data: dict = field(default_factory=dict)  # data.DataReport.to_dict(): bad files skipped...
+    machine: dict = field(default_factory=dict)  # MachineChoice.to_dict(): threads, workers
 
     def __getattr__(self, name: str) -> Any:
         fields = self.__dict__  # not self.metrics: unset while unpickling or copying
@@ -133,42 +132,45 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
                         threads: int | None = None, device: str = "auto",
                         amp: str = "off", img_size: int | None = None,
                         strict: bool = False, impl: str = "fast",
-                        task: str | None = None, class_map: str | None = None) -> EvalResult:
+                        task: str | None = None, class_map: str | None = None,
+                        outputs: str | None = None) -> EvalResult:
     """Loss, the task's metrics and its breakdown (per-class accuracy for classification)
     of a checkpoint on one split.
 
     The task is ``task`` (a ``--task`` string), else the one the checkpoint was
     fine-tuned with, else classification. Unreadable images are skipped and reported in
-    ``data`` (``strict``: an error). ``workers``/``threads`` None: auto (machine.py).
+    ``data`` (``strict``: an error). ``workers``/``threads`` None: auto (distributed.choose).
     """
-    from . import machine
 
-    from .loaders import create_transform, resolve_data_config
+    from .data import create_transform, resolve_data_config
 
     loaded = load_checkpoint(checkpoint)
     model, meta = loaded.model, loaded.meta
     refuse_nonfinite(model, checkpoint, "evaluated")  # NaN outputs would make NaN metrics
     set_gate_impl(model, impl)
     dev = distributed.device_for(device)
-    chosen = machine.choose(dev.type, threads=threads, workers=workers)
-    machine.apply(chosen)
-    spec, scorer = _task_for(checkpoint, meta, task)
+    chosen = distributed.choose(dev.type, threads=threads, workers=workers)
+    torch.set_num_threads(chosen.threads)
+    spec, scorer = _task_for(checkpoint, meta, task, outputs)
     cfg = resolve_data_config(meta.data, model, img_size=img_size)
     if isinstance(scorer, ClassificationTask):
         dataset = _classification_split(scorer, model, meta, data, split,
                                         create_transform(cfg, training=False), cfg["input_size"][0],
                                         class_map)
     else:
-        dataset = _task_split(scorer, spec, data, split, cfg)
+        if split not in ("train", "val", "validation"):
+            raise UserError(f"--task {spec} gives train and val datasets only; "
+                            "pass --split val or --split train")
+        train, val = scorer.datasets(Path(data), cfg, augment=False)  # no augmentation
+        dataset = train if split == "train" else val
         if callable(getattr(scorer, "check_model", None)):
             scorer.check_model(model)
-    report = getattr(dataset, "report", None)
-    report = report if isinstance(report, DataReport) else DataReport()
+    report = getattr(dataset, "report", None) or DataReport()
     if strict:
         check_strict(report)
     model.to(dev)
-    r = evaluate(model, dataset, scorer, dev, amp=amp, batch_size=batch_size, workers=chosen.workers,
-                 report=report, strict=strict, breakdown=True)
+    r = evaluate(model, dataset, scorer, dev, amp=amp, batch_size=batch_size,
+                 workers=chosen.workers, breakdown=True)
     return EvalResult(
         str(checkpoint), split, spec,
         metrics={"loss": r["loss"], **{k: r[k] for k in scorer.metric_names}},
@@ -188,12 +190,13 @@ def recorded_task(meta: CheckpointMeta, where: str = "checkpoint") -> str | None
     """
     from ..io.sources import parse_source
     from ..io.trust import require
+    from .layouts import recorded_config
 
-    recipes = [e for e in meta.history if isinstance(e, dict) and e.get("action") == "recipe"]
-    config = recipes[-1].get("config") if recipes else None
-    spec = config.get("task") if isinstance(config, dict) else None
+    spec = recorded_config(meta).get("task")
     if spec is None or spec == "classification":
         return None
+    if spec in BUILT_IN_TASKS:  # not code: nothing to consent to
+        return spec
     if not isinstance(spec, str) or parse_source(spec)[0] != "factory":
         raise TaskError(f"{where}: the recorded task {spec!r:.80} is not a module:object name; "
                         "pass --task to name the task yourself")
@@ -201,19 +204,21 @@ def recorded_task(meta: CheckpointMeta, where: str = "checkpoint") -> str | None
     return spec
 
 
-def _task_for(checkpoint: str | Path, meta: CheckpointMeta, requested: str | None) -> tuple[str, Task]:
+def _task_for(checkpoint: str | Path, meta: CheckpointMeta, requested: str | None,
+              outputs: str | None = None) -> tuple[str, Task]:
     """The task's name and the task: ``requested``, else the recorded one, else
-    classification."""
+    classification; a saliency model's ``outputs`` as given, else as recorded."""
+    from .layouts import recorded_config
+
+    config = {**recorded_config(meta), **({"outputs": outputs} if outputs else {})}
     if requested is not None:
         from ..io.trust import remember
 
         remember(requested)  # the user named it
-        return requested, load_task(requested)
-    spec = recorded_task(meta, str(checkpoint))
-    if spec is None:
-        return "classification", load_task(None)
+        return requested, load_task(requested, config)
+    spec = recorded_task(meta, str(checkpoint)) or "classification"
     try:
-        return spec, load_task(spec)
+        return spec, load_task(spec, config)
     except TaskError as e:
         raise TaskError(f"{checkpoint} was fine-tuned with a task that cannot be loaded here "
                         f"({e}); pass --task module:object") from None
@@ -225,46 +230,22 @@ def _classification_split(task: ClassificationTask, model: nn.Module, meta: Chec
     """The split with the checkpoint's class names (or ``class_map``'s) as labels,
     refused when it has more classes than the model predicts. On a train-only folder,
     the share of train the checkpoint's run held out (``layouts``)."""
-    from .layouts import load_class_map, open_eval_split, read_csv_split, recorded_options, split_source
+    from .layouts import load_class_map, open_split, recorded_options
 
     names = meta.data.get("class_names")
     if class_map:
         mapped = [c for c, _ in sorted(load_class_map(class_map).items(), key=lambda kv: kv[1])]
         if names and mapped != list(names):
-            raise UserError(f"--class-map {class_map} orders the classes otherwise than the checkpoint "
-                            f"records ({', '.join(names[:8])}); drop --class-map")
+            raise UserError(f"--class-map {class_map} orders the classes otherwise than the "
+                            f"checkpoint records ({', '.join(names[:8])}); drop --class-map")
         names = mapped
-    n_out = model_num_classes(model)
-    folder = split_source(data, split) or split_source(data, "train") or split_dir(data, split)
-    found = class_folders(folder) if folder.is_dir() else read_csv_split(folder, Path(data))[2]
-    if (names and any(c not in names for c in found)) or (n_out is not None and n_out < len(found)):
-        raise _class_mismatch(folder, found, names, n_out)
     class_to_idx = {c: i for i, c in enumerate(names)} if names else None
-    dataset = open_eval_split(data, split, recorded_options(meta), class_to_idx=class_to_idx,
-                              transform=transform, channels=channels)
-    classes = names or dataset.classes
-    if n_out is not None and n_out < len(classes):
-        raise _class_mismatch(folder, list(classes), names, n_out)
-    task.class_names = list(classes)
+    dataset = open_split(data, split, recorded_options(meta), class_to_idx=class_to_idx,
+                         transform=transform, channels=channels)  # a class not in names: refused
+    task.class_names, n_out = dataset.classes, model_num_classes(model)
+    if n_out is not None and n_out < len(dataset.classes):
+        raise UserError(f"{data} has {len(dataset.classes)} classes and the checkpoint's head "
+                        f"{n_out}: evaluate on a folder with the checkpoint's classes, or "
+                        f"fine-tune for these first: gct-surgery finetune CHECKPOINT --data "
+                        f"{data} --num-classes {len(dataset.classes)} -o RUN")
     return dataset
-
-
-def _class_mismatch(folder: Path, found: list[str], names: list[str] | None,
-                    n_out: int | None) -> UserError:
-    """The data's classes are not the checkpoint's: say both, and the two ways on."""
-    head = f"{n_out}" if n_out is not None else f"{len(names or ())}"
-    known = f" ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if names else ""
-    return UserError(
-        f"{folder} has {len(found)} classes ({', '.join(found[:8])}{', ...' if len(found) > 8 else ''}) "
-        f"and the checkpoint's head {head}{known}: evaluate on a folder with the checkpoint's "
-        f"classes, or fine-tune for these first: gct-surgery finetune CHECKPOINT --data {folder.parent} "
-        f"--num-classes {len(found)} -o RUN")
-
-
-def _task_split(task: Task, spec: str, data: str | Path, split: str, cfg: dict):
-    """A ``--task`` gives a train and a val dataset; the split picks one (no augmentation)."""
-    if split not in ("train", "val", "validation"):
-        raise UserError(f"--task {spec} gives train and val datasets only; "
-                        "pass --split val or --split train")
-    train, val = task.datasets(Path(data), cfg, augment=False)
-    return train if split == "train" else val

@@ -4,12 +4,15 @@
   set a ``StopFlag``: the loop saves a resumable state, then raises ``Interrupted``.
   A second signal stops at once, saying what is on disk.
 - A NaN or infinite loss or weight raises ``NonFiniteLossError``; nothing non-finite
-  is ever saved, and a checkpoint that already holds one is refused by name
-  (``refuse_nonfinite``).
+  is ever saved.
 - A failed write (disk full) becomes one ``WriteError`` (``io/atomic.py``; ``writing``
   adds how to continue); the previous file is kept.
 - ``GCT_SURGERY_FAULT`` is a testing hook that makes the process signal itself at a
-  chosen point, so the tests can kill a run exactly where they mean to.
+  chosen point, so the tests can kill a run exactly where they mean to. It is read at
+  the start of a command or run (``install_fault``); the write path itself only has
+  ``io.atomic.before_replace``.
+
+No torch at import: the CLI installs the hook before it loads anything heavy.
 """
 from __future__ import annotations
 
@@ -18,20 +21,18 @@ import itertools
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ..errors import UserError
-from ..io.atomic import WriteError, as_write_error  # noqa: F401 (WriteError re-exported)
-from ..io.finite import first_nonfinite, refuse_nonfinite  # noqa: F401 (re-exported)
+from ..io import atomic
+from ..io.atomic import as_write_error
 
 _logger = logging.getLogger(__name__)
 
 # Ctrl-C, preemption, and a closed terminal or ssh session
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
 
 
 class RunError(UserError):
@@ -52,23 +53,16 @@ class Interrupted(KeyboardInterrupt):
         self.hard = hard
 
 
-_saved: dict[str, str] = {}  # run folder -> where its last state.pt stands
-
-
-def note_saved(run_dir: Path, where: str) -> None:
-    """Called after each state.pt lands: what a hard stop reports as on disk."""
-    _saved[str(run_dir)] = where
-
-
 class StopFlag:
     """Ctrl-C (SIGINT), preemption (SIGTERM) or a closed terminal (SIGHUP) sets a flag;
     the loop saves a resumable state at the end of the current step (or epoch) and
     stops. A second signal interrupts at once, naming what ``run_dir`` holds."""
 
-    def __init__(self, run_dir: Path | None = None) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.requested = False
         self.signum: int | None = None
         self.run_dir = run_dir
+        self.saved: str | None = None  # where the state on disk stands (state.note_position)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopFlag":
@@ -87,29 +81,17 @@ class StopFlag:
 
     def hard_stop_message(self, signum: int) -> str:
         name = signal.Signals(signum).name
-        run_dir = self.run_dir
-        if run_dir is None:
-            return f"stopped at once by a second {name}"
-        where = _saved.get(str(run_dir))
-        if where is None and not (Path(run_dir) / "state.pt").is_file():
+        if self.saved is None:
             return (f"stopped at once by a second {name}, before any resumable state was saved: "
-                    f"start the run again (same command and --out {run_dir})")
-        at = f" ({where})" if where else ""
-        return (f"stopped at once by a second {name}: {run_dir} holds the last save{at}, "
-                f"untouched; continue with: gct-surgery finetune --resume {run_dir}")
+                    f"start the run again (same command and --out {self.run_dir})")
+        return (f"stopped at once by a second {name}: {self.run_dir} holds the last save "
+                f"({self.saved}), untouched; continue with: gct-surgery finetune --resume "
+                f"{self.run_dir}")
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-
-def nonfinite_weight(model: nn.Module) -> str | None:
-    """The name of the first parameter or buffer holding a NaN or inf, if any."""
-    found = first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))
-    return found[0] if found else None
-
-
-# --- writing outputs ----------------------------------------------------------------
 
 @contextlib.contextmanager
 def writing(path: Path, hint: str = ""):
@@ -130,56 +112,50 @@ def writing(path: Path, hint: str = ""):
 FAULT_ENV = "GCT_SURGERY_FAULT"
 _FAULT_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
                   "hup": signal.SIGHUP}
+_fault: dict[str, Any] = {"spec": None}  # the installed spec and its armed point
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A parsed ``GCT_SURGERY_FAULT=ACTION:POINT:ARG``."""
-
-    action: str  # kill | term | int | hup: the signal to send
-    point: str   # after_step | between_stages | during_save
-    arg: str     # N; for during_save, FILE[:N]
-
-
-def parse_fault(spec: str) -> Fault | None:
-    """The fault ``spec`` names, or None when it is not one this tool knows."""
-    action, _, rest = spec.partition(":")
+def install_fault() -> None:
+    """Read ``GCT_SURGERY_FAULT=ACTION:POINT:N`` (a testing hook; docs/reliability.md):
+    this process sends itself SIGKILL (``kill``), SIGTERM, SIGINT or SIGHUP ``after_step:N``
+    (its N-th training step, over every run it does) or ``between_stages:N`` (after
+    stage N). ``kill:during_save:FILE[:N]`` kills during the N-th write of FILE, before
+    the rename, through ``io.atomic.before_replace``. A spec already installed keeps its
+    counts; a misspelt one is refused rather than trained without."""
+    spec = os.environ.get(FAULT_ENV) or None
+    if spec == _fault["spec"]:
+        return
+    action, _, rest = (spec or "").partition(":")
     point, _, arg = rest.partition(":")
-    known = action in _FAULT_SIGNALS and (
-        (point in ("after_step", "between_stages") and arg.isdigit())
-        or (point == "during_save" and action == "kill" and arg))
-    return Fault(action, point, arg) if known else None
-
-
-def check_fault_spec() -> None:
-    """Refuse a misspelt hook up front, rather than train without the fault."""
-    spec = os.environ.get(FAULT_ENV)
-    if spec and parse_fault(spec) is None:
+    name, _, n = arg.partition(":") if point == "during_save" else ("", "", arg)
+    n = n or ("1" if name else "")
+    known = action in _FAULT_SIGNALS and n.isdigit() and (
+        point in ("after_step", "between_stages") or (point == "during_save" and action == "kill"))
+    if spec and not known:
         raise RunError(f"{FAULT_ENV}={spec!r} is not a fault this tool knows: use "
                        "kill|term|int|hup:after_step:N, kill|term|int|hup:between_stages:N or "
                        "kill:during_save:FILE[:N] (a testing hook; unset it to train)")
+    _fault.update(spec=spec, point=point if spec else None, n=int(n or 0), steps=0,
+                  signal=_FAULT_SIGNALS.get(action))
+    writes = itertools.count(1)
+
+    def before_replace(dest: Path) -> None:
+        if dest.name == name and next(writes) == _fault["n"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic.before_replace = before_replace if point == "during_save" and spec else None
 
 
-def fault_hook(point: str, count: int | None = None) -> None:
-    """Testing hook: ``GCT_SURGERY_FAULT=ACTION:POINT:N`` makes this process send itself
-    SIGKILL (``kill``), SIGTERM (``term``), SIGINT (``int``) or SIGHUP (``hup``) at a
-    chosen point:
-    ``after_step:N`` (after its N-th training step, over every run it does) or
-    ``between_stages:N`` (after
-    stage N, before the next). ``kill:during_save:FILE[:N]`` lives in ``io/atomic.py``.
-    Unset (always, outside tests) it costs one dictionary lookup."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+def fault_point(point: str, count: int | None = None) -> None:
+    """Where the loop may be killed by the hook: ``after_step`` (counted here, over every
+    run of this process) or ``between_stages`` (``count``: the stages done)."""
+    if _fault["spec"] is None or _fault["point"] != point:
         return
-    if count is None:  # training steps, counted over every run of this process (a comparison runs several)
-        _steps[0] += 1
-        count = _steps[0]
-    fault = parse_fault(spec)
-    if fault is not None and fault.point == point and fault.arg.isdigit() and int(fault.arg) == count:
-        os.kill(os.getpid(), _FAULT_SIGNALS[fault.action])
-
-
-_steps = [0]  # training steps this process has run, for ``after_step``
+    if count is None:
+        _fault["steps"] += 1
+        count = _fault["steps"]
+    if count == _fault["n"]:
+        os.kill(os.getpid(), _fault["signal"])
 
 
 # --- stopping a run -----------------------------------------------------------------

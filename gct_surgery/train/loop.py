@@ -8,7 +8,7 @@ per update) and trains epoch by epoch: ``train_one_epoch``, then ``end_epoch``, 
 validates and, on rank 0, writes a row of ``metrics.csv``, ``last.safetensors``,
 ``best.safetensors`` when the primary metric improved, and the train state.
 
-The train state (``progress.py``) is also written every ``save_every`` steps and on
+The train state (``state.py``) is also written every ``save_every`` steps and on
 Ctrl-C, so ``resume`` continues from the last completed step. The sampler's order
 depends only on ``seed + epoch``: a resumed run skips the batches already done and
 sees exactly the batches the uninterrupted run would have seen.
@@ -23,7 +23,6 @@ docs/reliability.md).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -32,27 +31,30 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from timm.utils import NativeScaler, random_seed
 from torch import nn
 
 from ..core.gate import set_gate_impl
-from ..core.heads import model_num_classes, replace_head
+from ..core.model import model_num_classes, replace_head
 from ..errors import UserError
+from ..io import atomic
 from ..io.checkpoint import rebuild
 from ..io.metadata import CheckpointMeta
+from ..io.state_dicts import refuse_nonfinite
 from ..io.trust import remember, require
-from . import distributed, lock, machine
+from . import distributed
 from .config import RunResult, TrainConfig, ema_decay_for, resume_overrides
+from .data import DataReport
 from .epoch import end_epoch, epoch_zero, train_one_epoch
-from .faults import Interrupted, StopFlag, check_fault_spec, fault_hook, writing
-from .outputs import read_run_info, remove_stale_temps, write_plot, write_run_info
-from .progress import (STATE_FILE, Progress, gather_data_report, read_state, scan_data_report,
-                       seed_everything, set_rng_state)
+from .faults import Interrupted, RunError, StopFlag, fault_point, install_fault
+from .outputs import RunDir, hold, new_run, read_run_info, write_plot, write_run_info
 from .recipe import Recipe
-from .run import Event, Run
+from .state import (Event, Progress, Run, check_world, count_steps, data_record, extend_run,
+                    fit_scheduler, note_position, read_state, refuse_fixed, set_rng_state,
+                    steps_per_epoch)
 from .stages import (Stage, freeze_for_stage, hold_gamma, make_optimizer, make_scheduler,
                      trained_words)
 from .task import Task, load_task
-from .world import check_world, count_steps, data_record, load_for_training, with_drop_path
 
 _logger = logging.getLogger(__name__)
 
@@ -60,11 +62,39 @@ def log_event(kind: str, info: dict) -> None:
     _logger.info("%s %s", kind, info)
 
 
+def load_for_training(checkpoint: str | Path):
+    """``load_checkpoint``, refusing a file with NaN or inf weights by name: a run from
+    it would fail at its first step, blaming the learning rate."""
+    from ..io.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    refuse_nonfinite(loaded.model, checkpoint, "fine-tuned")
+    return loaded
+
+
+def with_drop_path(model: nn.Module, meta: CheckpointMeta,
+                   rate: float) -> tuple[nn.Module, CheckpointMeta]:
+    """The model rebuilt by timm with ``drop_path_rate=rate``, holding the same weights,
+    and the record that says so (a timm model built without it has no DropPath to turn
+    on). The source's kwargs carry the rate, so a resume or a reload rebuilds the same."""
+    spec = str(meta.source.get("spec", ""))
+    if not spec.startswith("timm:"):
+        raise UserError(f"--drop-path needs a timm model (it is set when timm builds one), and "
+                        f"this checkpoint's model comes from {spec or 'an unrecorded source'}; "
+                        "run without --drop-path")
+    source = copy.deepcopy(meta.source)
+    source.setdefault("kwargs", {})["drop_path_rate"] = rate
+    meta = replace(meta, source=source)
+    rebuilt = rebuild(meta)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt, meta.with_event("drop_path", rate=rate)
+
+
 def finetune(checkpoint: str | Path, recipe: Recipe, config: TrainConfig, *,
              on_event: Event | None = None) -> RunResult:
     """Fine-tune a gct-surgery checkpoint through every stage of ``recipe``."""
     remember(config.task)  # a task the caller chose; a resume's recorded one asks first
-    with lock.new_run(config.out):  # one process per run folder, for the whole run
+    with new_run(config.out):  # one process per run folder, for the whole run
         loaded = load_for_training(checkpoint)
         return run_recipe(loaded.model, loaded.meta, recipe, config, on_event or log_event,
                           state=None, source=str(checkpoint))
@@ -76,23 +106,20 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
            fixed: Iterable[str] = ()) -> RunResult:
     """Continue an interrupted (or extend a finished) run from its train state, with its
     own recipe and config. ``data``, ``strict`` and ``skip_nonfinite`` may be changed;
-    ``epochs`` extends the stages not yet finished (``extend.py``). ``fixed``: options
-    the caller was given that the run's record fixes, refused by name."""
-    from .extend import extend_run, fit_scheduler, refuse_fixed, steps_per_epoch
-
+    ``epochs`` extends the stages not yet finished (``state.extend_run``). ``fixed``:
+    options the caller was given that the run's record fixes, refused by name."""
     run_dir = Path(run_dir)
-    refuse_fixed(fixed, run_dir / "run.json")
+    refuse_fixed(fixed, run_dir / RunDir.RUN)
     overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
-    with lock.hold(run_dir, create=False):  # a live run of this folder is never touched
+    with hold(run_dir, create=False):  # a live run of this folder is never touched
         state = read_state(run_dir)
+        meta = CheckpointMeta.from_json(state["meta"], RunDir(run_dir).state)
         if epochs is not None:
-            extend_run(run_dir, state, epochs)
+            extended = extend_run(run_dir, state, epochs)
+            meta = meta.with_event("extend", epochs=epochs, recipe=extended.to_dict())
         config, recipe, source = read_run_info(run_dir, overrides)
-        require(config.task, named_by=str(run_dir / "run.json"), what="a task")
+        require(config.task, named_by=str(run_dir / RunDir.RUN), what="a task")
         fit_scheduler(state, recipe, steps_per_epoch(run_dir))
-        meta = CheckpointMeta.from_json(state["meta"], run_dir / STATE_FILE)
-        if epochs is not None:
-            meta = meta.with_event("extend", epochs=epochs, recipe=recipe.to_dict())
         return run_recipe(rebuild(meta, named_by=str(run_dir)), meta, recipe, config,
                           on_event or log_event, state=state, source=source)
 
@@ -105,23 +132,23 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
     started = time.perf_counter()
     device = distributed.device_for(config.device)
     ctx = distributed.init(device)
-    chosen = machine.choose(device.type, threads=config.threads, workers=config.workers)
-    machine.apply(chosen)
+    chosen = distributed.choose(device.type, threads=config.threads, workers=config.workers)
+    torch.set_num_threads(chosen.threads)
     if ctx.is_main:
         on_event("machine", {"line": chosen.line(), **chosen.to_dict()})
     if config.batch_size % ctx.world_size:
         raise UserError(f"--batch-size {config.batch_size} (global) must divide evenly "
                         f"among {ctx.world_size} processes")
-    check_fault_spec()
-    seed_everything(config.seed)
+    install_fault()
+    random_seed(config.seed)
     task = load_task(config.task, config)
 
     # Data: the checkpoint's input size and normalisation, through timm.
-    from .loaders import resolve_data_config
+    from .data import resolve_data_config
 
     data_cfg = resolve_data_config(meta.data, model, img_size=config.img_size)
     train_set, val_set = task.datasets(Path(config.data), data_cfg, augment=config.augment)
-    check_world(state, meta, model, recipe, config, task, (train_set, val_set), ctx.world_size)
+    check_world(state, meta, model, config, task, (train_set, val_set), ctx.world_size)
 
     # Model: a new head when the data has another class count, seeded. A new head
     # is random: gates stages then train it too.
@@ -149,10 +176,13 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
         model.to(memory_format=torch.channels_last)
 
     run = Run(config, recipe, Path(config.out), model, meta, task, train_set, val_set,
-              device, ctx, on_event, machine=chosen)
-    run.progress.data_report = scan_data_report(train_set, val_set)
+              device, ctx, on_event, stop=StopFlag(Path(config.out)), machine=chosen)
+    run.progress.data_report = DataReport()  # what the folders held besides good images
+    for ds in (train_set, val_set):  # (none for a --task's own datasets)
+        if isinstance(getattr(ds, "report", None), DataReport):
+            run.progress.data_report.merge(ds.report)
     if config.strict:
-        from .images import check_strict
+        from .data import check_strict
 
         check_strict(run.progress.data_report)
     if config.ema:  # one clock over every stage, warmed up, a window that suits the run
@@ -163,8 +193,9 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
                              warmup_power=0.75)
     if state is not None:
         _restore(run, state)
-        if ctx.is_main:
-            remove_stale_temps(run.run_dir)
+        # A process killed mid-write leaves its temp file; the output itself is intact.
+        for path in atomic.remove_stale_temps(run.run_dir) if ctx.is_main else ():
+            _logger.info("removed %s, left by an interrupted write", path)
     else:
         if ctx.is_main:
             write_run_info(run.run_dir, source=source, config=config, recipe=recipe, world_size=ctx.world_size,
@@ -172,20 +203,22 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
                            machine=chosen.to_dict())
         epoch_zero(run)
 
-    with StopFlag(run.run_dir) as stop:
-        run.stop = stop
+    with run.stop:
         try:
             while run.progress.stage_index < len(recipe.stages):
                 run_stage(run, recipe.stages[run.progress.stage_index])
-                run.progress.finish_stage()
                 if run.progress.stage_index < len(recipe.stages):
-                    fault_hook("between_stages", run.progress.stage_index)
+                    fault_point("between_stages", run.progress.stage_index)
         except Interrupted:
             _write_plot(run)
             raise
     _write_plot(run)
     distributed.barrier()
-    run.progress.data_report = gather_data_report(run.progress.data_report, ctx)
+    if ctx.enabled:  # under torchrun each rank counted the bad files of its own share
+        merged = DataReport()
+        for part in distributed.all_gather_objects(run.progress.data_report.to_state()):
+            merged.merge(DataReport.from_state(part))
+        run.progress.data_report = merged
     return _result(run, time.perf_counter() - started)
 
 
@@ -204,15 +237,19 @@ def _adapt_head(model: nn.Module, meta: CheckpointMeta, config: TrainConfig, tas
 def _restore(run: Run, state: dict) -> None:
     """Put the model, EMA, progress and every RNG back as ``state`` saved them; the
     stage's optimizer, scheduler and scaler wait in ``run.resume_from``."""
-    run.model.load_state_dict(state["model"])
-    if run.ema is not None and state.get("ema"):
-        run.ema.module.load_state_dict(state["ema"])
+    try:
+        run.model.load_state_dict(state["model"])
+        if run.ema is not None and state.get("ema"):
+            run.ema.module.load_state_dict(state["ema"])
+    except RuntimeError as e:  # torch names each tensor missing, unexpected or misshapen
+        found = " ".join(str(e).split("\n", 1)[-1].split())[:300]
+        raise RunError(f"{RunDir(run.run_dir).state} does not fit the model ({found}), so the "
+                       "run cannot resume from it; start the run again with a new --out") from None
     run.progress = Progress.from_state(state, run.progress.data_report)
     run.resume_from = state
     set_rng_state(state["rng"])
+    note_position(run)
     progress = run.progress
-    if progress.stage_index >= len(run.recipe.stages):
-        run.emit("finished", run_dir=str(run.run_dir))
     run.emit("resumed", stage_index=progress.stage_index, epoch=progress.epoch,
              step=progress.step_in_epoch)
 
@@ -225,7 +262,7 @@ def run_stage(run: Run, stage: Stage) -> None:
     if progress.epoch == 0 and progress.step_in_epoch == 0:
         # Each stage draws its augmentation from its own seed: every arm of a comparison
         # sees the same randomness in every stage.
-        seed_everything(cfg.seed * 100 + progress.stage_index + 1)
+        random_seed(cfg.seed * 100 + progress.stage_index + 1)
     trainable = freeze_for_stage(model, stage, allow_empty=cfg.arm == "control")
     if trainable == 0:  # an identity control (gates removed) where only gates trained:
         # BatchNorm's affine trains at the base lr instead, so the steps match GCT's.
@@ -238,7 +275,7 @@ def run_stage(run: Run, stage: Stage) -> None:
     steps_per_epoch = _steps_per_epoch(run, stage)
     optimizer = make_optimizer(model, stage)
     scheduler = make_scheduler(optimizer, stage, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    scaler = NativeScaler("cuda") if cfg.amp == "fp16" else None  # CPU: no scaler
     if progress.stage_step:  # resumed mid-stage
         saved = run.resume_from
         optimizer.load_state_dict(saved["optimizer"])
@@ -255,22 +292,17 @@ def run_stage(run: Run, stage: Stage) -> None:
         ids = [run.device.index] if run.device.type == "cuda" else None
         train_model = DDP(model, device_ids=ids)
 
-    from .loaders import make_loader
+    from .data import make_loader
 
     loader = make_loader(run.train_set, run.per_rank_batch * stage.grad_accum, training=True, seed=cfg.seed,
                          workers=run.machine.workers, rank=run.dist.rank, world_size=run.dist.world_size,
-                         pin_memory=run.device.type == "cuda", report=progress.data_report,
-                         strict=cfg.strict, on_bad=lambda p, r: run.emit("bad_file", path=p, reason=r))
+                         pin_memory=run.device.type == "cuda")
     run.emit("stage_start", stage=stage.name, kind=stage.kind, epochs=stage.epochs,
              steps_per_epoch=steps_per_epoch, trainable=trainable, epoch=progress.epoch,
              step=progress.step_in_epoch)
-    from .frozen import frozen_base
-
-    cheap = frozen_base(model) if stage.kind == "gates" and cfg.fast_frozen else contextlib.nullcontext()
-    with cheap:  # exact classes back on exit; state dicts unchanged while active
-        while progress.epoch < stage.epochs:
-            train_one_epoch(run, stage, train_model, loader, optimizer, scheduler, scaler, steps_per_epoch)
-            end_epoch(run, stage, optimizer, scheduler, scaler)
+    while progress.epoch < stage.epochs:
+        train_one_epoch(run, stage, train_model, loader, optimizer, scheduler, scaler, steps_per_epoch)
+        end_epoch(run, stage, optimizer, scheduler, scaler)
     _finish_stage(run, stage, trainable)
 
 
@@ -287,8 +319,9 @@ def _steps_per_epoch(run: Run, stage: Stage) -> int:
 
 
 def _finish_stage(run: Run, stage: Stage, trainable: int) -> None:
-    """Record what the stage trained and how far the gates moved (the run reports it)."""
-    from ..core.movement import gate_movement
+    """Record what the stage trained and how far the gates moved (the run reports it),
+    and move the run's position on to the next stage."""
+    from ..core.fold import gate_movement
     from .verdict import json_safe
 
     progress = run.progress
@@ -304,14 +337,15 @@ def _finish_stage(run: Run, stage: Stage, trainable: int) -> None:
                                    best=json_safe(progress.best),
                                    last=json_safe(progress.rows[-1] if progress.rows else None))
     run.emit("stage_end", stage=stage.name, summary=summary)
+    progress.stage_index += 1
+    progress.epoch = progress.step_in_epoch = progress.stage_step = 0
 
 
 # --- the end of a run ---------------------------------------------------------------
 
 def _write_plot(run: Run) -> None:
     if run.dist.is_main:
-        with writing(run.run_dir / "metrics.png"):
-            write_plot(run.run_dir, run.progress.rows, run.task.primary_metric)
+        write_plot(run.run_dir, run.progress.rows, run.task.primary_metric)
 
 
 def _result(run: Run, seconds: float) -> RunResult:

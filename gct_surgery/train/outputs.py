@@ -1,41 +1,158 @@
-"""The files of a run folder besides the checkpoints and ``state.pt``: ``metrics.csv``
-(or ``.jsonl``), ``metrics.png``, ``run.json``, ``recipe.json`` and the final epoch's
-``per_image.safetensors``; and a comparison's plans and results. Every one is written
-atomically, and rewritten whole, so a resumed run never duplicates rows; every JSON is
-standard JSON (``strict_json``: a missing or non-finite number is null)."""
+"""A run folder: the names of its files (``RunDir``), the lock that gives it to one
+process (``hold``), and the files besides the checkpoints and the state file:
+``metrics.csv`` (or ``.jsonl``), ``metrics.png``, ``run.json``, ``recipe.json`` and
+the final epoch's ``per_image.safetensors``; and a comparison's plans and results.
+
+Every file is written atomically and rewritten whole, so a resumed run never
+duplicates rows; every JSON is standard JSON (``strict_json``: a missing or non-finite
+number is null). The tool reads back what it wrote without re-checking it field by
+field: a file that is not what it wrote (cut short, edited) is one ``RunError`` line.
+
+The lock is ``filelock`` on ``RUN/.gct-surgery.lock``, taken before anything in the
+folder is read or written and held to the end. The kernel releases it when the process
+dies, however it dies; a forked DataLoader worker closes its copy (filelock does so
+after a fork), so a worker outliving a killed run never holds the folder. Under
+torchrun only rank 0 takes it.
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
-import dataclasses
 import io
 import json
 import logging
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UserError
 from ..io import atomic
-from ..io.atomic import atomic_write_text
-from ..io.figures import new_figure, save_png
+from ..io.atomic import WriteError, atomic_write_text
 from .config import RunResult, TrainConfig
-from .faults import RunError, writing
-from .progress import STATE_FILE
+from .distributed import is_main_process
+from .faults import RunError
 from .recipe import Recipe, recipe_from_dict
 from .verdict import strict_json
 
 _logger = logging.getLogger(__name__)
 
-RUN_FILES = ("last.safetensors", "best.safetensors", "ema.safetensors", STATE_FILE, "metrics.csv",
-             "metrics.jsonl", "metrics.png", "run.json", "recipe.json", "per_image.safetensors")
 
+class RunDir:
+    """Every file name of a run folder, and of a comparison's folder, spelled once."""
+
+    LAST = "last.safetensors"
+    BEST = "best.safetensors"
+    EMA = "ema.safetensors"
+    STATE = "state.pt"                    # the train state a resume continues from
+    RUN = "run.json"                      # config, recipe and data record of the run
+    RECIPE = "recipe.json"
+    PLOT = "metrics.png"
+    PER_IMAGE = "per_image.safetensors"   # the final epoch's per-image results
+    LOCK = ".gct-surgery.lock"
+    COMPARISON_PLAN = "comparison-run.json"  # what a comparison was asked: resumable as one unit
+    SEED_PLAN = "seed.json"               # OUT/seed-S/: what that seed's arms were asked
+    ARM_RESULT = "result.json"            # a finished arm of a comparison
+    COMPARISON = "comparison.json"        # a comparison's verdict and runs
+    MARKERS = (RUN, STATE, COMPARISON_PLAN, SEED_PLAN)  # what makes a folder a run's
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def state(self) -> Path:
+        return self.folder / self.STATE
+
+    @staticmethod
+    def metrics(fmt: str) -> str:
+        return f"metrics.{fmt}"
+
+
+COMPARISON_PLAN, SEED_PLAN = RunDir.COMPARISON_PLAN, RunDir.SEED_PLAN  # compare.py's names
+
+
+# --- one process per run folder -----------------------------------------------------
+
+@contextlib.contextmanager
+def hold(folder: str | os.PathLike, *, create: bool = True, what: str = "run") -> Iterator[Path]:
+    """Hold ``folder``'s lock for the ``with`` block; a second holder is refused with one
+    line naming the first's pid. ``create``: make the folder (a new run); otherwise it
+    must exist (a resume)."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    if not is_main_process():
+        yield folder
+        return
+    if not create and not folder.is_dir():
+        raise RunError(f"no run folder {folder}: nothing to resume (check the path)")
+    atomic.make_folder(folder, f"{what} folder")
+    path = folder / RunDir.LOCK
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        pid = ""
+        with contextlib.suppress(OSError):
+            pid = path.read_text().strip()
+        holder = {"": "another process", str(os.getpid()): "this process"}.get(
+            pid, f"process {pid}")
+        raise RunError(f"{folder} is in use by {holder} (a {what} still writing there): wait "
+                       "for it to finish, stop it, or choose another --out") from None
+    except OSError as e:
+        raise WriteError(f"could not lock the {what} folder {folder}: {e.strerror or e}; choose a "
+                         "folder you can write to", path, e.strerror or str(e)) from None
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the message; a full disk is not fatal
+            path.write_text(f"{os.getpid()}\n")
+        yield folder
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def new_run(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder`` for a new run: refused if it already holds a run or a comparison."""
+    with hold(folder) as folder:
+        if (folder / RunDir.STATE).exists():
+            raise RunError(f"{folder} already holds a run; resume it with --resume {folder} "
+                           "or choose another --out")
+        if is_comparison(folder):
+            raise RunError(f"{folder} holds a comparison (--baseline); continue it with "
+                           f"--resume {folder} or choose another --out")
+        yield folder
+
+
+def replace_run(folder: str | os.PathLike) -> None:
+    """``finetune --force``: empty ``folder`` for a new run, when it holds a run or a
+    comparison that no live process holds (the lock says so). A folder that holds
+    something else is never touched: refused with one line."""
+    folder = Path(folder)
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return  # nothing to replace
+    if not folder.is_dir() or not any((folder / m).exists() for m in RunDir.MARKERS):
+        raise RunError(f"{folder} is not a run folder (no {', '.join(RunDir.MARKERS)}), so --force "
+                       "will not empty it; choose another --out")
+    with hold(folder, create=False):  # refused when a live run holds it
+        for entry in folder.iterdir():
+            if entry.name == RunDir.LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        _logger.info("removed the earlier run in %s (--force)", folder)
+
+
+# --- metrics ------------------------------------------------------------------------
 
 def write_metrics(run_dir: Path, rows: list[dict], metrics_format: str) -> Path:
     """All rows so far, rewritten atomically (so a resumed run never duplicates rows)."""
+    path = run_dir / RunDir.metrics(metrics_format)
     if metrics_format == "jsonl":
-        path = run_dir / "metrics.jsonl"
         atomic_write_text(path, "".join(strict_json(r, None) + "\n" for r in rows))
         return path
-    path = run_dir / "metrics.csv"
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0].keys()))
     writer.writeheader()
@@ -44,12 +161,13 @@ def write_metrics(run_dir: Path, rows: list[dict], metrics_format: str) -> Path:
     return path
 
 
-def write_plot(run_dir: Path, rows: list[dict], primary_metric: str) -> Path | None:
-    """metrics.png: losses and the primary metric per epoch, stage boundaries marked."""
-    if not rows:
-        return None
-    fig, plt = new_figure(1, 2, (10, 4))
-    ax_loss, ax_metric = fig.axes
+def write_plot(run_dir: Path, rows: list[dict], primary_metric: str) -> None:
+    """metrics.png: losses and the primary metric per epoch (row 0 on), stage boundaries
+    marked."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global figure
+
+    fig = Figure(figsize=(10, 4), layout="tight")
+    ax_loss, ax_metric = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train loss")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val loss")
@@ -57,7 +175,8 @@ def write_plot(run_dir: Path, rows: list[dict], primary_metric: str) -> Path | N
                    label=f"val {primary_metric}")
     _mark_stages(fig.axes, rows)
     fig.suptitle(f"gct-surgery finetune: {run_dir.name}")
-    return save_png(fig, plt, run_dir / "metrics.png")
+    with atomic.atomic_path(run_dir / RunDir.PLOT) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def _mark_stages(axes, rows: list[dict]) -> None:
@@ -74,27 +193,18 @@ def _mark_stages(axes, rows: list[dict]) -> None:
         ax.legend()
 
 
+# --- run.json -----------------------------------------------------------------------
+
 def write_run_info(run_dir: Path, *, source: str, config: TrainConfig, recipe: Recipe,
                    world_size: int, data: dict | None = None, machine: dict | None = None) -> None:
     """run.json (checkpoint, config, recipe: what ``resume`` rebuilds the run from, and
-    what the data was: ``world.data_record``) and recipe.json (the recipe alone, to
+    what the data was: ``state.data_record``) and recipe.json (the recipe alone, to
     read or reuse)."""
-    atomic.make_folder(run_dir, "run folder")
     info = {"checkpoint": source, "config": asdict(config), "recipe": recipe.to_dict(),
-            "world_size": world_size}
-    if data is not None:
-        info["data"] = data
-    if machine is not None:  # what this start chose (threads, workers); a resume chooses again
-        info["machine"] = machine
-    with writing(run_dir / "run.json"):
-        atomic_write_text(run_dir / "run.json", strict_json(info) + "\n")
-    with writing(run_dir / "recipe.json"):
-        atomic_write_text(run_dir / "recipe.json", recipe.to_json() + "\n")
-
-
-RUN_INFO = {"checkpoint": str, "config": dict, "recipe": dict, "world_size": int, "data": dict,
-            "machine": dict, "history": list}
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+            "world_size": world_size, "data": data,
+            "machine": machine}  # what this start chose (threads, workers); a resume chooses again
+    atomic_write_text(run_dir / RunDir.RUN, strict_json(info) + "\n")
+    atomic_write_text(run_dir / RunDir.RECIPE, recipe.to_json() + "\n")
 
 
 def _damaged_json(path: Path, what: str) -> RunError:
@@ -102,8 +212,8 @@ def _damaged_json(path: Path, what: str) -> RunError:
                     "restore it from a copy, or start the run again with a new --out")
 
 
-def read_json_doc(path: Path, fields: dict[str, type], required: tuple[str, ...]) -> dict:
-    """A JSON object with known fields of known types, or one ``RunError`` line."""
+def read_json(path: Path) -> dict:
+    """A JSON object this tool wrote, or one ``RunError`` line."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -113,76 +223,51 @@ def read_json_doc(path: Path, fields: dict[str, type], required: tuple[str, ...]
         raise _damaged_json(path, f"not valid JSON: {str(e).splitlines()[0][:80]}") from None
     if not isinstance(doc, dict):
         raise _damaged_json(path, "not a JSON object")
-    for key, value in doc.items():
-        if key not in fields:
-            raise _damaged_json(path, f"unknown field {key!r}")
-        if not isinstance(value, fields[key]) or (fields[key] is int and isinstance(value, bool)):
-            raise _damaged_json(path, f"{key} is not a {getattr(fields[key], '__name__', 'value')}")
-    missing = [k for k in required if k not in doc]
-    if missing:
-        raise _damaged_json(path, f"no {missing[0]!r}")
     return doc
 
 
 def read_run_json(run_dir: Path) -> dict:
-    """run.json, validated field by field (what the run started from)."""
-    return read_json_doc(Path(run_dir) / "run.json", RUN_INFO, ("checkpoint", "config", "recipe"))
+    """run.json as written (what the run started from)."""
+    return read_json(Path(run_dir) / RunDir.RUN)
+
+
+def _rebuild(path: Path, doc: dict, **config) -> tuple[TrainConfig, Recipe]:
+    """The config and recipe a run.json or a plan records, or one line if it cannot be."""
+    try:
+        recipe = doc["recipe"]
+        return (TrainConfig(**{**doc["config"], **config}),
+                recipe_from_dict(recipe, source=str(recipe.get("source", "recipe"))))
+    except KeyError as e:
+        raise _damaged_json(path, f"no {e}") from None
+    except (TypeError, ValueError, AttributeError, UserError) as e:
+        raise _damaged_json(path, str(e)[:120]) from None
 
 
 def read_run_info(run_dir: Path, overrides: dict) -> tuple[TrainConfig, Recipe, str]:
     """What run.json records: the config (with ``overrides`` applied), the recipe, and
-    the checkpoint the run started from. Every config value is checked for its type."""
-    path = Path(run_dir) / "run.json"
-    info = read_run_json(run_dir)
-    _check_config(path, info["config"])
-    try:
-        config = TrainConfig(**{**info["config"], **overrides, "out": str(run_dir)})
-        recipe = recipe_from_dict(info["recipe"], source=str(info["recipe"].get("source", "recipe")))
-    except TypeError as e:
-        raise _damaged_json(path, str(e)) from None
-    except UserError as e:
-        raise _damaged_json(path, str(e)) from None
-    return config, recipe, info["checkpoint"]
+    the checkpoint the run started from."""
+    path = Path(run_dir) / RunDir.RUN
+    info = read_json(path)
+    config, recipe = _rebuild(path, info, **overrides, out=str(run_dir))
+    return config, recipe, str(info.get("checkpoint", ""))
 
 
-def record_extension(path: Path, recipe: Recipe, *, epochs: int, config_changes: dict | None = None) -> None:
+def record_extension(path: Path, recipe: Recipe, *, epochs: int,
+                     config_changes: dict | None = None) -> None:
     """run.json (or a comparison's plan) at ``path`` takes the extended ``recipe`` (what
     every later resume reads) and a ``history`` entry saying the run was extended; a
     run's recipe.json follows."""
     import time
 
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc = read_json(path)
     doc["history"] = [*doc.get("history", []), {
         "event": "extended", "epochs": epochs, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "stages": {s.name: s.epochs for s in recipe.stages}}]
     doc["recipe"] = recipe.to_dict()
     doc["config"] = {**doc["config"], **(config_changes or {})}
-    with writing(path):
-        atomic_write_text(path, strict_json(doc) + "\n")
-    if path.name == "run.json":
-        with writing(path.parent / "recipe.json"):
-            atomic_write_text(path.parent / "recipe.json", recipe.to_json() + "\n")
-
-
-def _check_config(path: Path, config: dict) -> None:
-    """Every recorded config value is a field of ``TrainConfig``, of that field's type."""
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for key, value in config.items():
-        if key not in known:
-            raise _damaged_json(path, f"unknown config field {key!r}")
-        kinds = tuple(_TYPES.get(t.strip(), object) for t in str(known[key].type).split("|"))
-        flat = tuple(k for kind in kinds for k in (kind if isinstance(kind, tuple) else (kind,)))
-        if not isinstance(value, flat) or (isinstance(value, bool) and bool not in flat):
-            raise _damaged_json(path, f"config {key} is {value!r:.40}")
-
-
-def remove_stale_temps(run_dir: Path) -> None:
-    """A process killed mid-write leaves its temp file (``.last.safetensors.XXXX.tmp``);
-    the output itself is intact. A resumed run removes those leftovers; a temp file a
-    live process still writes is locked and left alone (``atomic.remove_stale_temps``)."""
-    for name in RUN_FILES:
-        for path in atomic.remove_stale_temps(run_dir, name):
-            _logger.info("removed %s, left by an interrupted write", path)
+    atomic_write_text(path, strict_json(doc) + "\n")
+    if path.name == RunDir.RUN:
+        atomic_write_text(path.parent / RunDir.RECIPE, recipe.to_json() + "\n")
 
 
 # --- a comparison's files ------------------------------------------------------------
@@ -194,18 +279,15 @@ def write_comparison(comparison) -> tuple[Path, Path]:
     """``comparison.json`` (the verdict and every run) and ``metrics.png``: val loss and
     the primary metric per epoch, GCT and control (and plain) together, one line per seed."""
     out = Path(comparison.out)
-    out.mkdir(parents=True, exist_ok=True)
-    doc_path = out / "comparison.json"
-    with writing(doc_path):
-        atomic_write_text(doc_path, strict_json(comparison.to_dict()) + "\n")
-    fig, plt = new_figure(1, 2, (11, 4))
-    ax_loss, ax_metric = fig.axes
+    doc_path = out / RunDir.COMPARISON
+    atomic_write_text(doc_path, strict_json(comparison.to_dict()) + "\n")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="tight")
+    ax_loss, ax_metric = fig.subplots(1, 2)
     key = comparison.metric
     for runs in comparison.runs:
-        for arm in ("gct", "control", "plain"):
-            result = getattr(runs, arm)
-            if result is None:
-                continue
+        for arm, result in runs.arms.items():
             colour, style = ARM_STYLE[arm]
             label = arm if runs is comparison.runs[0] else None
             epochs = [r["epoch"] for r in result.rows]
@@ -217,17 +299,9 @@ def write_comparison(comparison) -> tuple[Path, Path]:
     ax_metric.set_ylabel(f"val {key}")
     _mark_stages(fig.axes, comparison.runs[0].gct.rows)
     fig.suptitle(comparison.verdict.text, fontsize=9, wrap=True)
-    return doc_path, save_png(fig, plt, out / "metrics.png")
-
-
-COMPARISON_PLAN = "comparison-run.json"  # what a comparison was asked: resumable as one unit
-SEED_PLAN = "seed.json"                   # OUT/seed-S/: what that seed's arms were asked
-ARM_RESULT = "result.json"                # a finished arm of a comparison
-PER_IMAGE = "per_image.safetensors"       # a run's per-image results at its final epoch
-PLAN_FIELDS = {"checkpoint": str, "recipe": dict, "config": dict, "seeds": (int, str, type(None)),
-               "max_seeds": int, "plain": bool, "control": str,
-               "resolution": (int, float, type(None)), "seed": int, "index": (int, type(None)),
-               "history": list}
+    with atomic.atomic_path(out / RunDir.PLOT) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return doc_path, out / RunDir.PLOT
 
 
 def is_comparison(folder: str | Path) -> bool:
@@ -238,25 +312,16 @@ def is_comparison(folder: str | Path) -> bool:
 def write_plan(path: Path, plan: dict) -> None:
     """A comparison's plan (``OUT/comparison-run.json``) or one seed's (``seed-S/seed.json``):
     what ``finetune --resume`` continues and ``gct-surgery verdict`` reads."""
-    atomic.make_folder(path.parent, "comparison folder")
     doc = {**plan, "recipe": plan["recipe"].to_dict(), "config": asdict(plan["config"])}
-    with writing(path):
-        atomic_write_text(path, strict_json(doc) + "\n")
+    atomic_write_text(path, strict_json(doc) + "\n")
 
 
 def read_plan(path: Path) -> dict:
-    """The plan ``write_plan`` wrote, validated like run.json, with its recipe and config
-    rebuilt (the config's ``out``: the folder the plan is in, or above a seed's)."""
-    doc = read_json_doc(path, PLAN_FIELDS, ("checkpoint", "recipe", "config", "seeds", "plain"))
-    _check_config(path, doc["config"])
+    """The plan ``write_plan`` wrote, with its recipe and config rebuilt (the config's
+    ``out``: the folder the plan is in, or above a seed's)."""
+    doc = read_json(path)
     out = path.parent.parent if path.name == SEED_PLAN else path.parent
-    try:
-        config = TrainConfig(**{**doc["config"], "out": str(out)})
-        recipe = recipe_from_dict(doc["recipe"], source=str(doc["recipe"].get("source", "recipe")))
-    except (TypeError, UserError) as e:
-        raise _damaged_json(path, str(e)) from None
-    if doc["seeds"] != "auto" and not isinstance(doc["seeds"], (int, type(None))):
-        raise _damaged_json(path, f"seeds is {doc['seeds']!r:.20}")
+    config, recipe = _rebuild(path, doc, out=str(out))
     doc.pop("history", None)
     return {**doc, "recipe": recipe, "config": config}
 
@@ -264,22 +329,20 @@ def read_plan(path: Path) -> dict:
 def write_arm_result(result: RunResult) -> None:
     """``result.json`` in a finished arm's folder: a resumed comparison reads it back
     instead of running the arm again."""
-    path = Path(result.run_dir) / ARM_RESULT
-    with writing(path):
-        doc = {"result": result.to_dict(), "rows": result.rows}
-        atomic_write_text(path, strict_json(doc) + "\n")
+    doc = {"result": result.to_dict(), "rows": result.rows}
+    atomic_write_text(Path(result.run_dir) / RunDir.ARM_RESULT, strict_json(doc) + "\n")
 
 
 def read_arm_result(run_dir: Path) -> RunResult | None:
     """The finished arm's result, or None when the arm has not finished."""
-    path = Path(run_dir) / ARM_RESULT
+    path = Path(run_dir) / RunDir.ARM_RESULT
     if not path.is_file():
         return None
-    doc = read_json_doc(path, {"result": dict, "rows": list}, ("result", "rows"))
-    r = doc["result"]
+    doc = read_json(path)
     nan = float("nan")  # strict JSON wrote a missing number as null
-    rows = [{k: nan if v is None else v for k, v in row.items()} for row in doc["rows"]]
     try:
+        r = doc["result"]
+        rows = [{k: nan if v is None else v for k, v in row.items()} for row in doc["rows"]]
         return RunResult(Path(run_dir), rows, r["best"], float(r["seconds"]), int(r["params"]),
                          int(r["gate_params"]), int(r["trainable_params"]), data=dict(r["data"]),
                          nonfinite_skipped=int(r["nonfinite_skipped"]),
@@ -295,12 +358,12 @@ def write_per_image(run_dir: Path, values, metric: str) -> None:
     from safetensors.torch import save
 
     data = save({"values": values.contiguous()}, metadata={"metric": metric})
-    atomic.atomic_write_bytes(Path(run_dir) / PER_IMAGE, data)
+    atomic.atomic_write_bytes(Path(run_dir) / RunDir.PER_IMAGE, data)
 
 
 def read_per_image(run_dir: Path):
     """The per-image rows a finished run kept (a float64 numpy array), or None."""
-    path = Path(run_dir) / PER_IMAGE
+    path = Path(run_dir) / RunDir.PER_IMAGE
     if not path.is_file():
         return None
     from safetensors.numpy import load_file

@@ -1,62 +1,85 @@
-"""Stages as data: what trains, whether BatchNorm statistics are frozen, and the
-optimizer settings of each parameter group.
+"""Stages as data, and what a stage does to a model: which parameters train, whether
+BatchNorm statistics are frozen, the optimizer's parameter groups, the batch regulariser.
 
 Three kinds of stage, after the protocols practitioners use on pretrained models:
 
 ``gates``
-    Only the gate parameters train; every other tensor, BatchNorm running
-    statistics included, stays bit-identical. BN is kept in eval mode even though
-    ``model.train()`` runs each epoch (``requires_grad=False`` alone does not stop
-    running statistics from drifting). Options: train the classifier head (needed
-    when it was replaced for a new class count) and the BN affine parameters.
+    Only the gate parameters train; every other tensor, BatchNorm running statistics
+    included, stays bit-identical. BN is kept in eval mode even though ``model.train()``
+    runs each epoch (``requires_grad=False`` alone does not stop running statistics from
+    drifting). Options: train the classifier head (needed when it was replaced for a new
+    class count) and the BN affine parameters.
 ``head``
-    Only the classifier head trains ("linear probe"): gates and base stay frozen,
-    BatchNorm statistics included, as in a gates stage. A head-then-full recipe is
-    the control that separates the protocol's effect from the gates' (GCT-NOTES).
-    ``train_bn`` adds the BN affine parameters.
+    Only the classifier head trains ("linear probe"), BN statistics frozen as in a gates
+    stage: head-then-full is the control that separates the protocol's effect from the
+    gates'. ``train_bn`` adds the BN affine parameters.
 ``full``
-    Everything trains; the base at a lower learning rate than the gates.
+    Everything trains; the base at a lower learning rate than the gates
+    (``Stage.effective_base_lr``).
 
-Parameters the user froze (``requires_grad=False`` when the first stage starts, e.g.
-a BatchNorm bias fixed at zero) stay frozen in every stage, ``full`` included, and so
-do parameters matching the stage's ``keep_frozen`` patterns. The user's flags are
-remembered on the model (``remember_user_flags``) the first time a stage freezes it.
+Parameters the user froze (``requires_grad=False`` when the first stage starts, e.g. a
+BatchNorm bias fixed at zero) stay frozen in every stage, ``full`` included, and so do
+parameters matching the stage's ``keep_frozen`` patterns.
 
-Weight decay: gate ``beta`` never decays (the official code: "not to apply weight
-decay on the gating bias"); ``alpha`` and ``gamma`` use ``gate_weight_decay``. Gate
-parameters are found by module type (``GCT``), not by name. timm's optimizer factory
-would decay them: it exempts only parameters with one dimension or fewer, and gate
-tensors are shaped (1, C, 1, 1). So the groups are built here and handed to
+Weight decay: gate ``beta`` never decays (the official code: "not to apply weight decay on
+the gating bias"); ``alpha`` and ``gamma`` use ``gate_weight_decay``. timm's optimizer
+factory would decay them (it exempts only tensors of one dimension or fewer, and gate
+tensors are (1, C, 1, 1)), so the groups are built here and handed to
 ``create_optimizer_v2`` through its ``param_group_fn``.
+
+A researcher's own loop uses the same rules through ``freeze_base`` (the gates stage),
+``unfreeze`` (the full stage) and ``param_groups`` (for any torch optimizer), exported by
+the package (README, "Your own training loop").
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
+import contextlib
 import functools
+import itertools
 import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
 
 import torch
+from timm.data.mixup import Mixup, mixup_target
+from timm.models._manipulate import group_with_matcher
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import auto_group_layers
+from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from ..core.gate import GCT
-from ..core.heads import head_parameters
+from ..core.model import head_parameters, model_num_classes
+from ..core.surgery import gates, is_gate_parameter
 from ..errors import UserError
 
 STAGE_KINDS = ("gates", "head", "full")
 FROZEN_BASE_KINDS = ("gates", "head")  # the base's weights and BN statistics stay put
-DEFAULT_BASE_LR_SCALE = 0.1  # full stage: base lr = gate lr x this, unless base_lr is set
+BASE_LR_SCALE = 0.1
+
+
+# field: (the test of its range, the range in words); each is a number
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("epochs", "grad_accum"), (lambda v: v >= 1, "a whole number >= 1")),
+    **dict.fromkeys(("lr", "base_lr", "head_lr", "weight_decay", "gate_weight_decay", "min_lr",
+                     "mixup", "cutmix"), (lambda v: v >= 0, "a number >= 0")),
+    "smoothing": (lambda v: 0 <= v < 1, "a fraction, 0 <= smoothing < 1"),
+    "warmup": (lambda v: 0 <= v < 1, "a fraction of the stage, 0 <= warmup < 1"),
+    "clip_grad": (lambda v: v > 0, "a gradient norm > 0"),
+    "layer_decay": (lambda v: 0 < v <= 1, "a factor, 0 < layer_decay <= 1 (e.g. 0.75)"),
+}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a recipe. Learning rates are for the global batch."""
+    """One stage of a recipe. Learning rates are for the global batch. A number given as
+    text (the command line, YAML 1.1's ``1e-3``) is read as the number."""
 
     name: str
     kind: str
     epochs: int = 1
     lr: float = 1e-3                  # gates, and the head in a gates or head stage
-    base_lr: float | None = None      # full stage: the base; None = lr x 0.1
+    base_lr: float | None = None      # full stage: the base; None = 0.1 x lr
     weight_decay: float = 0.01        # base weights with more than one dim
     gate_weight_decay: float = 0.01   # gate alpha and gamma; beta never decays
     train_head: bool = False          # gates stage: the classifier head trains too
@@ -77,48 +100,33 @@ class Stage:
     head_lr: float | None = None      # full stage: the head's own lr (None: base_lr)
 
     def __post_init__(self) -> None:
-        patterns = (self.keep_frozen,) if isinstance(self.keep_frozen, str) else self.keep_frozen
-        if not isinstance(patterns, (list, tuple)):
-            raise UserError(f"stage {self.name!r}: keep_frozen should be a list of regular "
-                            f"expressions on parameter names, got {self.keep_frozen!r}")
-        object.__setattr__(self, "keep_frozen", tuple(patterns))
-        for pattern in self.keep_frozen:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise UserError(f"stage {self.name!r}: keep_frozen pattern {pattern!r} is not a "
-                                f"regular expression: {e}") from None
+        where = f"stage {self.name!r}"
         if self.kind not in STAGE_KINDS:
-            raise UserError(f"stage {self.name!r}: unknown kind {self.kind!r}; "
-                            f"choose one of {', '.join(STAGE_KINDS)}")
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
-            raise UserError(f"stage {self.name!r}: epochs must be a whole number >= 1, got {self.epochs!r}")
-        for key in ("lr", "weight_decay", "gate_weight_decay", "min_lr"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
-        for key in ("base_lr", "head_lr"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
-        for key in ("smoothing", "mixup", "cutmix"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise UserError(f"stage {self.name!r}: {key} must be a number >= 0, got {value!r}")
-        if self.smoothing >= 1:
-            raise UserError(f"stage {self.name!r}: smoothing is a fraction, 0 <= smoothing < 1, "
-                            f"got {self.smoothing!r}")
-        if self.clip_grad is not None and not _positive(self.clip_grad):
-            raise UserError(f"stage {self.name!r}: clip_grad is a gradient norm > 0, got {self.clip_grad!r}")
-        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
-            raise UserError(f"stage {self.name!r}: grad_accum must be a whole number >= 1, "
-                            f"got {self.grad_accum!r}")
-        if self.layer_decay is not None and not (_positive(self.layer_decay) and self.layer_decay <= 1):
-            raise UserError(f"stage {self.name!r}: layer_decay is a factor, 0 < layer_decay <= 1 "
-                            f"(e.g. 0.75), got {self.layer_decay!r}")
-        if not 0 <= self.warmup < 1:
-            raise UserError(f"stage {self.name!r}: warmup is a fraction of the stage, "
-                            f"0 <= warmup < 1, got {self.warmup!r}")
+            raise UserError(f"{where}: unknown kind {self.kind!r}; choose one of "
+                            f"{', '.join(STAGE_KINDS)}")
+        for f in fields(self):
+            value, rule = getattr(self, f.name), _RULES.get(f.name)
+            if rule is None or (value is None and "None" in f.type):
+                continue
+            kind = int if f.type.startswith("int") else float
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = kind(value)
+                object.__setattr__(self, f.name, value)
+            if isinstance(value, bool) or not isinstance(value, (int, kind)):
+                raise UserError(f"{where}: {f.name} must be "
+                                f"{'a whole number' if kind is int else 'a number'}, got {value!r}")
+            if not rule[0](value):
+                raise UserError(f"{where}: {f.name} must be {rule[1]}, got {value!r}")
+        # keep_frozen: one pattern, or a list of them
+        patterns = (self.keep_frozen,) if isinstance(self.keep_frozen, str) else self.keep_frozen
+        try:
+            for pattern in patterns:
+                re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise UserError(f"{where}: keep_frozen takes regular expressions on parameter names; "
+                            f"{self.keep_frozen!r}: {e}") from None
+        object.__setattr__(self, "keep_frozen", tuple(patterns))
 
     @property
     def bn_frozen(self) -> bool:
@@ -126,37 +134,24 @@ class Stage:
 
     @property
     def effective_base_lr(self) -> float:
-        return self.lr * DEFAULT_BASE_LR_SCALE if self.base_lr is None else self.base_lr
+        """The one rule for the base weights' lr: ``base_lr`` when given, else 0.1 x ``lr``."""
+        return self.lr * BASE_LR_SCALE if self.base_lr is None else self.base_lr
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["keep_frozen"] = list(self.keep_frozen)
-        d["base_lr"] = self.effective_base_lr
-        d["freeze_bn"] = self.bn_frozen
-        return d
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
-
-
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return {**asdict(self), "keep_frozen": list(self.keep_frozen),
+                "base_lr": self.effective_base_lr, "freeze_bn": self.bn_frozen}
 
 
 # --- which parameters are which -----------------------------------------------------
 
 def gate_modules(model: nn.Module) -> list[GCT]:
-    return [m for m in model.modules() if isinstance(m, GCT)]
+    return [m for m in model.modules() if isinstance(m, GCT)]  # by module type, not by name
 
 
 def gate_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(betas, alphas_and_gammas)`` of every gate, found by module type."""
-    betas, others = [], []
-    for g in gate_modules(model):
-        betas.append(g.beta)
-        others += [g.alpha, g.gamma]
-    return betas, others
+    """``(betas, alphas_and_gammas)`` of every gate."""
+    found = gate_modules(model)
+    return [g.beta for g in found], [p for g in found for p in (g.alpha, g.gamma)]
 
 
 def bn_modules(model: nn.Module) -> list[nn.Module]:
@@ -167,229 +162,244 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
 # --- freezing ---------------------------------------------------------------------
 
 _USER_FLAGS = "_gct_user_frozen"  # names of the parameters the user froze
-_BN_HELD = "_gct_bn_held"  # BatchNorm kept in eval mode whatever model.train() says
 _BASE_FROZEN = "_gct_base_frozen"  # freeze_base holds the model
-
-
-def remember_user_flags(model: nn.Module) -> frozenset[str]:
-    """The names of the parameters the user froze (``requires_grad=False``), recorded
-    on the model the first time; later calls return that first record."""
-    frozen = model.__dict__.get(_USER_FLAGS)
-    if frozen is None:
-        frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
-        model.__dict__[_USER_FLAGS] = frozen
-    return frozen
-
-
-def restore_user_flags(model: nn.Module) -> None:
-    """Every parameter back to the user's own flag, and the record forgotten."""
-    frozen = model.__dict__.pop(_USER_FLAGS, None)
-    if frozen is not None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen)
 
 
 def kept_frozen(model: nn.Module, stage: Stage) -> set[int]:
     """Parameters that never train: the user's own frozen ones and the stage's
-    ``keep_frozen`` patterns (each must match a parameter outside the gates)."""
-    user = remember_user_flags(model)
+    ``keep_frozen`` patterns (each must match a parameter outside the gates). The user's
+    are those frozen the first time, recorded on the model."""
     named = list(model.named_parameters())
+    user = model.__dict__.setdefault(_USER_FLAGS, {n for n, p in named if not p.requires_grad})
     ids = {id(p) for n, p in named if n in user}
     for pattern in stage.keep_frozen:
         hits = [(n, p) for n, p in named if re.search(pattern, n)]
-        if not any(not _is_gate_name(n) for n, _ in hits):
-            example = next((n for n, _ in named if not _is_gate_name(n)), "none")
+        if all(is_gate_parameter(n) for n, _ in hits):
+            example = next((n for n, _ in named if not is_gate_parameter(n)), "none")
             raise UserError(f"stage {stage.name!r}: keep_frozen pattern {pattern!r} matches no "
                             f"parameter (names look like {example!r})")
         ids |= {id(p) for _, p in hits}
     return ids
 
 
-def _is_gate_name(name: str) -> bool:
-    return ".gate." in f".{name}"
-
-
 def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = False) -> int:
-    """Set ``requires_grad`` for the stage and return how many parameters train.
-    Parameters the user froze, or ``keep_frozen`` names, never train.
-
-    ``allow_empty``: a control run (gates removed) may have a stage with nothing to
-    train, which then leaves the model as it is; anywhere else that is a mistake."""
+    """Set ``requires_grad`` for the stage and return how many values train. ``allow_empty``:
+    a control run (gates removed) may have nothing to train; elsewhere that is a mistake."""
     frozen = kept_frozen(model, stage)
-    if stage.kind == "full":
-        trainable = {id(p) for p in model.parameters()}
-    else:
-        trainable = set()
-        if stage.kind == "gates":
-            betas, others = gate_parameters(model)
-            trainable |= {id(p) for p in betas + others}
-        if stage.kind == "head" or stage.train_head:
-            trainable |= {id(p) for p in head_parameters(model)}
-        if stage.train_bn:
-            trainable |= {id(p) for m in bn_modules(model) for p in m.parameters(recurse=False)}
+    trainable = set(map(id, model.parameters())) if stage.kind == "full" else set()
+    if stage.kind == "gates":
+        trainable |= {id(p) for group in gate_parameters(model) for p in group}
+    if stage.kind == "head" or stage.train_head:
+        trainable |= set(map(id, head_parameters(model)))
+    if stage.train_bn:
+        trainable |= {id(p) for m in bn_modules(model) for p in m.parameters(recurse=False)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable and id(p) not in frozen)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n == 0 and allow_empty:
-        return 0
-    if n == 0 and stage.kind == "head":
-        raise UserError(f"stage {stage.name!r} has nothing to train: the model has no classifier "
-                        "head (no Linear layer); use a 'gates' or 'full' stage")
-    if n == 0:
-        raise UserError(f"stage {stage.name!r} has nothing to train: the model has no gates, or "
-                        "all of it is frozen; add gates with `gct-surgery inject MODEL`, or pass "
-                        "--train-head, or use a 'full' stage (--stage full)")
+    if n == 0 and not allow_empty:
+        why = ("the model has no classifier head (no Linear layer); use a 'gates' or 'full' stage"
+               if stage.kind == "head" else "the model has no gates, or all of it is frozen; add "
+               "gates with `gct-surgery inject MODEL`, or pass --train-head, or use a 'full' "
+               "stage (--stage full)")
+        raise UserError(f"stage {stage.name!r} has nothing to train: {why}")
     return n
 
 
 def hold_gamma(model: nn.Module) -> None:
-    """A static control's gates: gamma at 0 and never trained, so each gate is a fixed
-    per-channel scale 1 + tanh(beta) that folds into its conv. Set before the first
-    stage, the flag is remembered as a user's frozen parameter: every stage keeps it."""
+    """A static control's gates: gamma at 0 and never trained (each gate a fixed scale
+    1 + tanh(beta)). Set before the first stage, it is remembered as a user's flag."""
     for g in gate_modules(model):
-        with torch.no_grad():
-            g.gamma.zero_()
-        g.gamma.requires_grad_(False)
-
-
-def trained_words(model: nn.Module, stage: Stage, *, gamma_held: bool = False) -> str:
-    """What ``stage`` trains and at which learning rate, in words (a comparison's report)."""
-    gates = bool(gate_modules(model))
-    if stage.kind == "full":
-        words = f"everything, the base at lr {stage.effective_base_lr:g}"
-        words += f", the gates at lr {stage.lr:g}" if gates else ""
-        words += f", the head at lr {stage.head_lr:g}" if stage.head_lr is not None else ""
-    else:
-        parts = [name for name, on in (("gates", stage.kind == "gates" and gates),
-                                        ("head", stage.kind == "head" or stage.train_head),
-                                        ("BatchNorm affine", stage.train_bn)) if on]
-        words = f"{' + '.join(parts) or 'nothing'} at lr {stage.lr:g}"
-    return words + ("; gamma held at 0" if gates and gamma_held else "")
+        g.gamma.requires_grad_(False).zero_()
 
 
 def set_train_mode(model: nn.Module, stage: Stage) -> None:
     """``model.train()``, then BN back to eval when the stage freezes its statistics."""
     model.train()
-    if stage.bn_frozen:
-        for m in bn_modules(model):
-            m.eval()
-
-
-def hold_bn_eval(model: nn.Module) -> None:
-    """Keep every BatchNorm in eval mode, its running statistics untouched, even
-    through a later ``model.train()``: each one's ``train`` is overridden."""
-    for m in bn_modules(model):
-        if _BN_HELD not in m.__dict__:
-            m.__dict__["train"] = functools.partial(_stay_in_eval, m)
-            m.__dict__[_BN_HELD] = True
-        m.train(False)
-
-
-def release_bn(model: nn.Module, mode: bool | None = None) -> None:
-    """Undo ``hold_bn_eval``: BatchNorm follows ``model.train()`` again, now set to
-    ``mode`` (default: the model's own mode)."""
-    for m in bn_modules(model):
-        if m.__dict__.pop(_BN_HELD, None):
-            m.__dict__.pop("train", None)
-        m.train(model.training if mode is None else mode)
+    for m in bn_modules(model) if stage.bn_frozen else ():
+        m.eval()
 
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
-    """A held BatchNorm's ``train``: eval whatever is asked (a module-level function,
-    so a held model still pickles and deep-copies)."""
+    """A held BN's ``train``: eval whatever is asked (module level: a held model pickles)."""
     return nn.Module.train(module, False)
 
 
-def base_is_frozen(model: nn.Module) -> bool:
-    """True between ``freeze_base`` and ``unfreeze`` (``mark_base_frozen``)."""
-    return bool(model.__dict__.get(_BASE_FROZEN, False))
+# --- your own training loop ---------------------------------------------------------
+
+def freeze_base(model: nn.Module, *, train_head: bool = False, train_bn: bool = False) -> int:
+    """Freeze everything but the gates (and the classifier head with ``train_head``,
+    BatchNorm weight and bias with ``train_bn``); return how many values train.
+
+    BatchNorm running statistics stay frozen even after ``model.train()``: each BN is held
+    in eval mode (its ``train`` overridden) until ``unfreeze``. The user's own
+    ``requires_grad`` flags are remembered first, and a parameter the user froze never trains."""
+    if not gate_modules(model) and not (train_head or train_bn):
+        raise UserError("freeze_base: the model has no gates, so nothing would train; "
+                        "inject them first (gct_surgery.inject(model))")
+    n = freeze_for_stage(model, Stage("freeze_base", "gates", train_head=train_head,
+                                      train_bn=train_bn))
+    for m in bn_modules(model):
+        m.__dict__.setdefault("train", functools.partial(_stay_in_eval, m))  # held in eval
+        m.train(False)
+    model.__dict__[_BASE_FROZEN] = True
+    return n
 
 
-def mark_base_frozen(model: nn.Module, frozen: bool) -> None:
-    if frozen:
-        model.__dict__[_BASE_FROZEN] = True
-    else:
-        model.__dict__.pop(_BASE_FROZEN, None)
+def unfreeze(model: nn.Module) -> int:
+    """Back to the user's own flags (a parameter the user froze stays frozen) and
+    BatchNorm that follows ``model.train()`` again; return how many values train."""
+    frozen = model.__dict__.pop(_USER_FLAGS, None)
+    for name, p in model.named_parameters() if frozen is not None else ():
+        p.requires_grad_(name not in frozen)
+    for m in bn_modules(model):
+        m.__dict__.pop("train", None)  # freeze_base's hold, if any
+        m.train(model.training)
+    model.__dict__.pop(_BASE_FROZEN, None)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# --- optimizer groups -------------------------------------------------------------
+def param_groups(model: nn.Module, *, lr: float, base_lr: float | None = None,
+                 weight_decay: float = 0.0) -> list[dict]:
+    """Parameter groups for any torch optimizer: trainable parameters only, each group
+    named (``gate_beta``, ``gate_alpha_gamma``, ``head_*``, ``base_*``).
 
-def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
+    Gates train at ``lr``. The base, when it trains (after ``unfreeze``), at ``base_lr``
+    (default 0.1 x ``lr``, as the built-in recipe); while ``freeze_base`` holds the
+    model, what it lets train (head, BN affine) uses ``lr``. ``weight_decay`` applies to
+    gate alpha and gamma and to base weights with more than one dimension; gate ``beta``,
+    biases and norm weights never decay."""
+    kind = "gates" if model.__dict__.get(_BASE_FROZEN) else "full"
+    groups = stage_param_groups(model, Stage("param_groups", kind, lr=lr, base_lr=base_lr,
+                                             weight_decay=weight_decay,
+                                             gate_weight_decay=weight_decay))
+    if not groups:
+        raise UserError("param_groups: nothing in the model trains (every parameter has "
+                        "requires_grad=False)")
+    return groups
+
+
+# --- optimizer, scheduler -----------------------------------------------------------
+
+def stage_param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     """Named parameter groups with their own lr and weight decay (trainable only).
 
     ``gate_beta`` always has weight decay 0. Base parameters with one dimension or
-    fewer (biases, norm affine) get no decay either, as timm does.
-    """
+    fewer (biases, norm affine) get no decay either, as timm does. In a gates or head
+    stage the head (when it trains) is new or adapting: it takes the stage lr."""
     betas, others = gate_parameters(model)
-    gate_ids = {id(p) for p in betas + others}
-    head_ids = {id(p) for p in head_parameters(model)}
     frozen_base = stage.kind in FROZEN_BASE_KINDS
     base_lr = stage.lr if frozen_base else stage.effective_base_lr
-    own_head = frozen_base or stage.head_lr is not None  # the head in groups of its own
-    head_lr = stage.lr if frozen_base else stage.head_lr
-    groups: dict[str, dict] = {
-        "gate_beta": dict(params=list(betas), lr=stage.lr, weight_decay=0.0),
-        "gate_alpha_gamma": dict(params=list(others), lr=stage.lr, weight_decay=stage.gate_weight_decay),
-        "head_decay": dict(params=[], lr=head_lr, weight_decay=stage.weight_decay),
-        "head_no_decay": dict(params=[], lr=head_lr, weight_decay=0.0),
-        "base_decay": dict(params=[], lr=base_lr, weight_decay=stage.weight_decay),
-        "base_no_decay": dict(params=[], lr=base_lr, weight_decay=0.0),
-    }
+    head_lr = stage.lr if frozen_base else stage.head_lr  # None: the head is base
+    head = set(map(id, head_parameters(model))) if head_lr is not None else set()
+    groups = {"gate_beta": dict(params=betas, lr=stage.lr, weight_decay=0.0),
+              "gate_alpha_gamma": dict(params=others, lr=stage.lr,
+                                       weight_decay=stage.gate_weight_decay)}
+    for part, lr in (("head", head_lr), ("base", base_lr)):
+        groups[f"{part}_decay"] = dict(params=[], lr=lr, weight_decay=stage.weight_decay)
+        groups[f"{part}_no_decay"] = dict(params=[], lr=lr, weight_decay=0.0)
+    gate_ids = set(map(id, betas + others))
     for p in model.parameters():
-        if id(p) in gate_ids:
-            continue
-        # In a gates or head stage the head (when it trains) is new or adapting: stage lr.
-        prefix = "head" if own_head and id(p) in head_ids else "base"
-        groups[f"{prefix}_{'decay' if p.ndim > 1 else 'no_decay'}"]["params"].append(p)
-    out = []
-    for name, g in groups.items():
-        g["params"] = [p for p in g["params"] if p.requires_grad]
-        if g["params"]:
-            out.append({"name": name, **g})
+        if id(p) not in gate_ids:
+            part = "head" if id(p) in head else "base"
+            groups[f"{part}_{'decay' if p.ndim > 1 else 'no_decay'}"]["params"].append(p)
+    out = [{"name": name, **g, "params": [p for p in g["params"] if p.requires_grad]}
+           for name, g in groups.items()]
+    out = [g for g in out if g["params"]]
     return out if stage.layer_decay is None else _by_layer(model, out, stage.layer_decay)
 
 
 def _by_layer(model: nn.Module, groups: list[dict], decay: float) -> list[dict]:
-    """Each group split by layer, with the layer's ``lr_scale`` (layer_decay.py); within
-    a name, the last group is the top layer (scale 1), whose lr the metrics report."""
-    from .layer_decay import layer_scales
+    """Layer-wise lr decay (timm's ``layer_decay``) composed with the stage's groups: each
+    group split by layer, with ``lr_scale = decay ** (L-1-i)`` for layer ``i`` of ``L``
+    (timm's ``group_matcher`` grouping, else ``auto_group_layers``); a gate takes its
+    conv's layer. Within a name the last group is the top layer, whose lr metrics report."""
+    named = [(n, p) for n, p in model.named_parameters() if not is_gate_parameter(n)]
+    if callable(getattr(model, "group_matcher", None)):
+        layer_of = group_with_matcher(named, model.group_matcher(coarse=False), reverse=True)
+    else:
+        layer_of = auto_group_layers(model)
+    top = max(layer_of.values(), default=0)
+    if top == 0:
+        raise UserError(f"--layer-decay: timm finds no layers in {type(model).__name__} (it has no "
+                        "group_matcher, as timm models do), so every parameter would get the same "
+                        "rate; run without --layer-decay")
+    scale_of = {id(p): decay ** (top - layer_of.get(n, top)) for n, p in model.named_parameters()}
+    for conv, gate in gates(model).items():
+        conv_scale = scale_of[id(model.get_submodule(conv).weight)]
+        scale_of.update((id(p), conv_scale) for p in gate.parameters())
 
-    scale_of = layer_scales(model, decay)
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    out = []
-    for g in groups:
-        by_scale: dict[float, list] = {}
-        for p in g["params"]:
-            by_scale.setdefault(scale_of[name_of[id(p)]], []).append(p)
-        for scale in sorted(by_scale):
-            out.append({**g, "params": by_scale[scale], "lr_scale": scale})
-    return out
+    def scale(p: nn.Parameter) -> float:
+        return scale_of[id(p)]
+
+    return [{**g, "params": list(same), "lr_scale": s}  # each group split by scale, in order
+            for g in groups for s, same in itertools.groupby(sorted(g["params"], key=scale), scale)]
 
 
 def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
     """A fresh optimizer for the stage (never reused: stale groups miss parameters)."""
-    from timm.optim import create_optimizer_v2
-
     try:
         return create_optimizer_v2(model, opt=stage.opt, lr=stage.lr,
                                    weight_decay=stage.weight_decay,
-                                   param_group_fn=lambda m: param_groups(m, stage))
+                                   param_group_fn=lambda m: stage_param_groups(m, stage))
     except (ValueError, AssertionError) as e:
         raise UserError(f"stage {stage.name!r}: optimizer {stage.opt!r}: {e}") from None
 
 
 def make_scheduler(optimizer, stage: Stage, steps_per_epoch: int):
     """timm's scheduler stepped per update: linear warm-up, then cosine (by default)."""
-    from timm.scheduler import create_scheduler_v2
-
-    try:
+    with contextlib.suppress(ValueError):
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=stage.sched, num_epochs=stage.epochs,
             warmup_epochs=stage.warmup * stage.epochs, warmup_lr=1e-6 if stage.warmup else 0.0,
             min_lr=stage.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    except ValueError:
-        scheduler = None
-    if scheduler is None:  # an unknown name, or 'none'
-        raise UserError(f"stage {stage.name!r}: unknown scheduler {stage.sched!r}; use one of "
-                        "cosine, tanh, step, multistep, constant, poly, wsd (--sched)")
-    return scheduler
+        if scheduler is not None:  # None: 'none'
+            return scheduler
+    raise UserError(f"stage {stage.name!r}: unknown scheduler {stage.sched!r}; use one of "
+                    "cosine, tanh, step, multistep, constant, poly, wsd (--sched)")
+
+
+def trained_words(model: nn.Module, stage: Stage, *, gamma_held: bool = False) -> str:
+    """What ``stage`` trains and at which learning rate, in words (a comparison's report)."""
+    gated = bool(gate_modules(model))
+    if stage.kind == "full":
+        words = f"everything, the base at lr {stage.effective_base_lr:g}"
+        words += f", the gates at lr {stage.lr:g}" if gated else ""
+        words += f", the head at lr {stage.head_lr:g}" if stage.head_lr is not None else ""
+    else:
+        parts = [name for name, on in (("gates", stage.kind == "gates" and gated),
+                                        ("head", stage.kind == "head" or stage.train_head),
+                                        ("BatchNorm affine", stage.train_bn)) if on]
+        words = f"{' + '.join(parts) or 'nothing'} at lr {stage.lr:g}"
+    return words + ("; gamma held at 0" if gated and gamma_held else "")
+
+
+# --- the batch regulariser ----------------------------------------------------------
+
+def regularizer_for(stage: Stage, task: Any, model: nn.Module,
+                    batch_per_rank: int) -> Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]:
+    """What a train step does to a batch ``(x, y)`` before the task's loss scores it: timm's
+    Mixup and label smoothing, as timm's train.py composes them (the targets become (N,
+    classes) probabilities, the smoothing folded in); the batch as it is when every knob is
+    off. Validation never mixes. A task gets mixing or smoothing only when its loss takes
+    soft targets (``soft_targets = True``, as classification's does): mixing a segmenter's
+    masks as class vectors would be wrong."""
+    mixing = bool(stage.mixup or stage.cutmix)
+    if not (mixing or stage.smoothing):
+        return lambda x, y: (x, y)
+    if not getattr(task, "soft_targets", False):
+        raise UserError(f"stage {stage.name!r}: --smoothing, --mixup and --cutmix need class "
+                        f"targets, and the task {type(task).__name__} does not declare "
+                        "soft_targets = True (a loss for (N, classes) probabilities); run "
+                        "without them, or add that to the task")
+    classes = model_num_classes(model) or len(getattr(task, "class_names", None) or ())
+    if not classes:
+        raise UserError(f"stage {stage.name!r}: --smoothing/--mixup/--cutmix need the class count, "
+                        "and the model has no classifier head timm can read; run without them")
+    if not mixing:  # smoothed one-hot targets: timm's LabelSmoothingCrossEntropy, as soft targets
+        return lambda x, y: (x, mixup_target(y, classes, 1.0, stage.smoothing))
+    if batch_per_rank % 2:
+        raise UserError(f"stage {stage.name!r}: --mixup/--cutmix pair each image with another, so "
+                        f"the batch per process must be even, not {batch_per_rank}; change "
+                        "--batch-size")
+    return Mixup(mixup_alpha=stage.mixup, cutmix_alpha=stage.cutmix,
+                 label_smoothing=stage.smoothing, num_classes=classes)

@@ -28,10 +28,11 @@ torchrun. ``output`` is what the model returns, as it is: a tuple of side output
 probabilities (``binary_cross_entropy``, not ``..._with_logits``). ``data_config``
 holds the checkpoint's recorded preprocessing (mean, std...). A task file imports with
 its own folder on the import path, so it may import the modules beside it.
-docs/finetuning.md has examples for sigmoid outputs, side outputs and segmentation. Optional: ``check_model(model)`` (raise a ``UserError`` when the model does
-not fit the data), ``class_names`` (stored in the checkpoint), ``batch_size(target)``
-(samples in a batch; default ``len(target)``), ``soft_targets = True`` (its loss also
-takes (N, classes) probabilities, so ``--mixup``/``--cutmix``/``--smoothing`` may apply).
+docs/finetuning.md has examples for sigmoid outputs, side outputs and segmentation.
+Optional: ``check_model(model)`` (raise a ``UserError`` when the model does not fit
+the data), ``class_names`` (stored in the checkpoint), ``batch_size(target)`` (samples
+in a batch; default ``len(target)``), ``soft_targets = True`` (its loss also takes
+(N, classes) probabilities, so ``--mixup``/``--cutmix``/``--smoothing`` may apply).
 
 Optional, for ``gct-surgery eval``'s table: ``breakdown_sums(output, target)`` returns
 fixed-shape tensors (per-class counts, say) that evaluation sums over batches and
@@ -49,44 +50,23 @@ without it gets a comparison without a verdict interval.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..core.heads import classifier_name, model_num_classes
+from ..core.model import classifier_name, model_num_classes
 from ..errors import UserError
+from .data import create_transform
+from .layouts import DataOptions, open_datasets
 
 
 class TaskError(UserError):
     """A ``--task`` cannot be imported or lacks a required member."""
 
 
-@runtime_checkable
-class Task(Protocol):
-    metric_names: tuple[str, ...]
-    primary_metric: str
-    higher_is_better: bool
-
-    def datasets(self, data_dir: Path, data_config: dict, *, augment: bool) -> tuple[Dataset, Dataset]: ...
-
-    def loss(self, output: Any, target: Any) -> torch.Tensor: ...
-
-    def metric_sums(self, output: Any, target: Any) -> dict[str, float]: ...
-
-
-class Breakdown(Protocol):
-    """The optional per-group table of a task (per class, per size bucket...).
-    ``breakdown_name`` and ``breakdown_title`` are optional too."""
-
-    def breakdown_sums(self, output: Any, target: Any) -> dict[str, torch.Tensor]: ...
-
-    def breakdown(self, sums: dict[str, torch.Tensor]) -> list[dict]: ...
-
-
-def has_breakdown(task: Any) -> bool:
-    return all(callable(getattr(task, m, None)) for m in ("breakdown_sums", "breakdown"))
+Task = Any  # any object with the members the module docstring lists (load_task checks them)
 
 
 class ClassificationTask:
@@ -99,20 +79,18 @@ class ClassificationTask:
     breakdown_name = "per_class"
     breakdown_title = "per-class accuracy"
 
-    def __init__(self, options: Any = None) -> None:
+    def __init__(self, options: DataOptions | None = None) -> None:
         self.class_names: list[str] | None = None
-        self.options = options  # layouts.DataOptions: held-out share, class map, augmentation
-        self._loss = nn.CrossEntropyLoss()
+        self.options = options or DataOptions()  # held-out share, class map, augmentation
 
-    def datasets(self, data_dir: Path, data_config: dict, *, augment: bool) -> tuple[Dataset, Dataset]:
-        from .layouts import DataOptions, open_datasets
-        from .loaders import create_transform
-
-        options = self.options or DataOptions()
+    def datasets(self, data_dir: Path, data_config: dict, *, augment: bool
+                 ) -> tuple[Dataset, Dataset]:
+        options = self.options
         train, val = open_datasets(
             data_dir, options, channels=data_config["input_size"][0],
             train_transform=create_transform(data_config, training=True, augment=augment,
-                                             **options.augmentation()),
+                                             crop_scale=options.crop_scale, hflip=options.hflip,
+                                             color_jitter=options.color_jitter),
             val_transform=create_transform(data_config, training=False))
         self.class_names = train.classes
         return train, val
@@ -124,14 +102,14 @@ class ClassificationTask:
                             f"{n_out} (layer {classifier_name(model)!r}); pass --num-classes "
                             f"{len(self.class_names)} to replace the head")
 
-    soft_targets = True  # loss takes mixup's (N, classes) probabilities too (regularize.py)
+    soft_targets = True  # loss takes mixup's (N, classes) probabilities too (stages.py)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.ndim == 2 and target.is_floating_point():  # mixed, smoothed targets
             from timm.loss import SoftTargetCrossEntropy
 
             return SoftTargetCrossEntropy()(logits(output), target)
-        return self._loss(logits(output), target)
+        return nn.functional.cross_entropy(logits(output), target)
 
     def metric_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         from timm.utils import accuracy
@@ -171,24 +149,36 @@ def logits(output: Any) -> torch.Tensor:
     return output.float()
 
 
+BUILT_IN_TASKS = ("classification", "saliency", "segmentation")
+
+
 def load_task(spec: str | None, config: Any = None) -> Task:
     """The task a ``--task`` string names; None is image classification, reading the
-    data as ``config`` (a ``TrainConfig``) asks: layout choices, augmentation."""
+    data as ``config`` (a ``TrainConfig`` or a recorded config dict) asks: layout
+    choices, augmentation, a saliency model's ``outputs`` and ``iou_loss``."""
     if spec is None or spec == "classification":
-        from .layouts import DataOptions
-
         return ClassificationTask(DataOptions.from_config(config))
+    if spec in BUILT_IN_TASKS:
+        from .dense import SaliencyTask, SegmentationTask
+
+        if spec == "segmentation":
+            return SegmentationTask()
+        get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+        return SaliencyTask(get("outputs"), bool(get("iou_loss")))
     ref, sep, attr = spec.rpartition(":")
     if not sep or not ref or not attr:
         raise TaskError(f"--task {spec!r}: write module:object or path/to/file.py:object")
-    from ..io.sources import import_object
+    from ..io.trust import import_object
 
     obj = import_object(spec, what="--task", error=TaskError)
-    task = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "datasets")) else obj
+    made = isinstance(obj, type) or (callable(obj) and not hasattr(obj, "datasets"))
+    task = obj() if made else obj
     missing = [m for m in ("metric_names", "primary_metric", "higher_is_better", "datasets",
                            "loss", "metric_sums") if not hasattr(task, m)]
     if missing:
-        raise TaskError(f"--task {spec}: the task lacks {', '.join(missing)} (see gct_surgery.train.task)")
+        raise TaskError(f"--task {spec}: the task lacks {', '.join(missing)} "
+                        "(see gct_surgery.train.task)")
     if task.primary_metric not in task.metric_names:
-        raise TaskError(f"--task {spec}: primary_metric {task.primary_metric!r} is not in metric_names")
+        raise TaskError(f"--task {spec}: primary_metric {task.primary_metric!r} is not in "
+                        "metric_names")
     return task

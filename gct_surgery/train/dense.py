@@ -1,0 +1,307 @@
+"""The dense tasks built in: ``--task saliency`` (one foreground probability per pixel,
+U^2-Net style) and ``--task segmentation`` (one class per pixel, torchvision style).
+
+Both read ``DATA/{train,val}/images/*`` beside ``DATA/{train,val}/masks/<stem>.png``.
+Image and mask are augmented together (torchvision's v2 transforms resize a ``Mask``
+with nearest interpolation); validation keeps each mask at its own size, padded with
+"ignore" so a batch stacks, and every metric is computed at that size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+
+IGNORE = 255  # a segmentation mask's "no label" (VOC's object borders)
+BETA2 = 0.3  # the F-measure's beta^2 in salient object detection
+THRESHOLDS = 256  # a saliency map binarised at 0..255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def mask_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
+    """Each image of ``split_dir/images`` with the mask of the same stem in
+    ``split_dir/masks``; an image without a mask, or a mask without an image, is an error
+    that names it."""
+    images, masks = split_dir / "images", split_dir / "masks"
+    for folder in (images, masks):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder; a dense task reads "
+                            "DATA/{train,val}/images/* and DATA/{train,val}/masks/*.png")
+    image_of = _by_stem(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    mask_of = _by_stem(p for p in masks.iterdir() if p.suffix.lower() == ".png")
+    if not mask_of:
+        raise UserError(f"{masks}: no .png masks; put one mask per image there (same stem)")
+    for stem in sorted(image_of.keys() - mask_of.keys()):
+        raise UserError(f"{image_of[stem]}: no mask {masks / stem}.png; "
+                        "add it or move the image out")
+    for stem in sorted(mask_of.keys() - image_of.keys()):
+        raise UserError(f"{mask_of[stem]}: no image of this name in {images}; remove the mask")
+    return [(image_of[s], mask_of[s]) for s in sorted(image_of)]
+
+
+def _by_stem(paths) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in sorted(paths):
+        if p.stem in found:
+            raise UserError(f"{p}: {found[p.stem].name} has the same name; keep one of them")
+        found[p.stem] = p
+    return found
+
+
+class MaskFolder(Dataset):
+    """(image, {"mask", "size"}) pairs of one split. ``labels``: the mask holds class
+    indices (segmentation), else grey levels mapped to [0, 1] (saliency)."""
+
+    def __init__(self, split_dir: Path, data_config: dict, *, labels: bool, augment: bool) -> None:
+        from torchvision.transforms import v2
+
+        self.pairs = mask_pairs(split_dir)
+        self.labels, self.augment = labels, augment
+        channels, height, width = data_config["input_size"]
+        self.image_mode = "L" if channels == 1 else "RGB"
+        sizes = []
+        for image, mask in self.pairs:
+            with Image.open(image) as a, Image.open(mask) as b:  # headers only
+                if a.size != b.size:
+                    raise UserError(f"{mask}: the mask is {b.size[0]}x{b.size[1]} and its image "
+                                    f"{a.size[0]}x{a.size[1]}; give every mask its image's size")
+                sizes.append(b.size[::-1])
+        self.sizes = sizes
+        self.pad_to = tuple(max(s[i] for s in sizes) for i in (0, 1))
+        resize = v2.Resize((height, width), antialias=True)
+        steps = [resize, v2.RandomHorizontalFlip()] if augment else [resize]
+        self.transform = v2.Compose(steps)
+        self.normalize = v2.Normalize(list(data_config["mean"]), list(data_config["std"]))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read_mask(self, index: int) -> np.ndarray:
+        """The mask as stored: class indices (a palette PNG's indices, not its colours)
+        or grey levels 0-255."""
+        with Image.open(self.pairs[index][1]) as m:
+            if not self.labels and m.mode != "L":  # grey levels, whatever the PNG's mode
+                m = m.convert("L")
+            array = np.array(m)
+        if array.ndim != 2:
+            raise UserError(f"{self.pairs[index][1]}: the mask has {array.shape[2]} channels; "
+                            "a mask is one channel of class indices (or grey levels)")
+        return array
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        with Image.open(self.pairs[index][0]) as im:
+            image = tv_tensors.Image(pil_to_tensor(im.convert(self.image_mode)))
+        mask = torch.from_numpy(self.read_mask(index).astype(np.int64))[None]
+        if self.augment:
+            image, mask = self.transform(image, tv_tensors.Mask(mask))
+        else:  # the mask keeps its own size, padded to stack: metrics are taken there
+            image = self.transform(image)
+            grow = (0, self.pad_to[1] - mask.shape[2], 0, self.pad_to[0] - mask.shape[1])
+            mask = F.pad(mask, grow, value=IGNORE if self.labels else -255)
+        size = torch.tensor(self.sizes[index] if not self.augment else mask.shape[-2:])
+        mask = mask[0] if self.labels else mask[0].float() / 255.0  # padding: -1, "no pixel"
+        image = self.normalize(image.float() / 255.0)
+        target = {"mask": mask.as_subclass(torch.Tensor), "size": size}
+        return image.as_subclass(torch.Tensor), target
+
+
+def _crops(output: torch.Tensor, target: dict):
+    """Each image's output resized to its mask's own size, with that mask."""
+    for i, (h, w) in enumerate(target["size"].tolist()):
+        out = output[i:i + 1].float()
+        if out.shape[-2:] != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        yield out[0], target["mask"][i, :h, :w]
+
+
+class _DenseTask:
+    """What both dense tasks share: the mask folders, and a sample count per batch."""
+
+    labels = False
+
+    def datasets(self, data_dir: Path, data_config: dict, *, augment: bool):
+        data_dir = Path(data_dir)
+        self.data = [MaskFolder(data_dir / split, data_config, labels=self.labels,
+                                augment=augment and split == "train") for split in ("train", "val")]
+        return tuple(self.data)
+
+    def batch_size(self, target: dict) -> int:
+        return len(target["size"])
+
+
+class SaliencyTask(_DenseTask):
+    """Salient object detection: BCE (plus IoU loss with ``iou_loss``) on every output of
+    a model that returns one map or a tuple of side outputs (the first is the fused one,
+    as in U^2-Net); MAE and max F-measure on the fused one. ``outputs`` says whether the
+    model ends in a sigmoid ("probabilities") or not ("logits"): it is never guessed."""
+
+    metric_names = ("mae", "max_f")
+    primary_metric = "mae"
+    higher_is_better = False
+
+    def __init__(self, outputs: str, iou_loss: bool = False) -> None:
+        if outputs not in ("probabilities", "logits"):
+            raise UserError("--task saliency needs --outputs probabilities (a model that ends "
+                            "in a sigmoid, like U^2-Net) or --outputs logits")
+        self.outputs, self.iou_loss = outputs, iou_loss
+
+    def maps(self, output: Any) -> list[torch.Tensor]:
+        """Every output as (N, 1, H, W) probabilities, the fused one first."""
+        outs = list(output) if isinstance(output, (tuple, list)) else [output]
+        maps = []
+        for out in outs:
+            if not isinstance(out, torch.Tensor) or out.ndim not in (3, 4) or (
+                    out.ndim == 4 and out.shape[1] != 1):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"the model's output is {shape}: --task saliency needs "
+                                "(N, 1, H, W) maps, or a tuple of them")
+            out = out.float() if out.ndim == 4 else out.float()[:, None]
+            if self.outputs == "logits":
+                out = torch.sigmoid(out)
+            elif out.min() < 0 or out.max() > 1:
+                raise UserError("the model's output has values outside [0, 1], so it gives "
+                                "logits; pass --outputs logits")
+            maps.append(out)
+        return maps
+
+    def loss(self, output: Any, target: dict) -> torch.Tensor:
+        total = 0.0
+        for fused in self.maps(output):
+            for p, m in _crops(fused, target):
+                keep = m >= 0
+                p, m = p[0][keep], m[keep]
+                with torch.autocast(p.device.type, enabled=False):  # BCE refuses half inputs
+                    loss = F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), m)
+                if self.iou_loss:
+                    loss = loss + 1 - (p * m).sum() / (p + m - p * m).sum().clamp_min(1e-7)
+                total = total + loss
+        return total / len(target["size"])
+
+    def per_image(self, output: Any, target: dict) -> torch.Tensor:
+        """Each image's MAE: their mean is the dataset's MAE, what the verdict pairs."""
+        return torch.stack([(p[0] - m).abs()[m >= 0].mean().double()
+                            for p, m in _crops(self.maps(output)[0], target)])
+
+    def metric_sums(self, output: Any, target: dict) -> dict:
+        fused = self.maps(output)[0]
+        precision = torch.zeros(THRESHOLDS, dtype=torch.float64)
+        recall = torch.zeros(THRESHOLDS, dtype=torch.float64)
+        for p, m in _crops(fused, target):
+            pr = precision_recall(p[0][m >= 0], m[m >= 0])
+            precision, recall = precision + pr[0], recall + pr[1]
+        return {"mae": self.per_image(output, target).sum().item(),
+                "max_f": torch.stack([precision, recall])}
+
+    def finish(self, totals: dict, samples: int) -> dict:
+        """Dataset-level metrics from the summed totals: the mean precision and recall
+        curves over images give one F-measure per threshold; max F is their maximum."""
+        precision, recall = (totals["max_f"] / max(samples, 1)).unbind(0)
+        f = (1 + BETA2) * precision * recall / (BETA2 * precision + recall).clamp_min(1e-12)
+        return {"mae": float(totals["mae"]) / max(samples, 1), "max_f": f.max().item()}
+
+
+def precision_recall(prob: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's precision and recall at thresholds 0..255 (a pixel is predicted
+    salient when round(255 p) >= t; the ground truth is mask > 0.5)."""
+    level = (prob.double() * 255).round().long().clamp(0, 255).flatten()
+    truth = (mask > 0.5).flatten()
+    fg = torch.bincount(level[truth], minlength=THRESHOLDS).double()
+    bg = torch.bincount(level[~truth], minlength=THRESHOLDS).double()
+    hits = fg.flip(0).cumsum(0).flip(0)  # true positives at threshold t: fg pixels >= t
+    said = hits + bg.flip(0).cumsum(0).flip(0)
+    precision = torch.where(said > 0, hits / said.clamp_min(1), torch.zeros_like(hits))
+    recall = hits / truth.sum() if truth.any() else torch.zeros_like(hits)
+    return precision.cpu(), recall.cpu()
+
+
+class SegmentationTask(_DenseTask):
+    """Semantic segmentation: cross-entropy with 255 ignored, torchvision's ``aux`` output
+    weighted 0.5 as its reference scripts do; mIoU and pixel accuracy from the
+    dataset's confusion counts."""
+
+    labels = True
+    metric_names = ("miou", "pixel_acc")
+    primary_metric = "miou"
+    higher_is_better = True
+    aux_weight = 0.5
+
+    def logits(self, output: Any) -> dict[str, torch.Tensor]:
+        outs = output if isinstance(output, dict) else {"out": output}
+        for name, out in outs.items():
+            if not isinstance(out, torch.Tensor) or out.ndim != 4:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"the model's output {name!r} is {shape}: --task segmentation "
+                                "needs (N, classes, H, W) logits, or torchvision's dict of them")
+        if "out" not in outs:
+            raise UserError(f"the model returns {sorted(outs)}: --task segmentation needs 'out'")
+        return outs
+
+    def loss(self, output: Any, target: dict) -> torch.Tensor:
+        total = 0.0
+        for name, out in self.logits(output).items():
+            self._check_labels(out.shape[1], target)
+            weight = self.aux_weight if name == "aux" else 1.0
+            total = total + weight * sum(F.cross_entropy(o[None], m[None], ignore_index=IGNORE)
+                                         for o, m in _crops(out, target))
+        return total / len(target["size"])
+
+    def per_image(self, output: Any, target: dict) -> torch.Tensor:
+        """(N, 2C): each image's per-class intersections and unions; ``reduce`` gives mIoU."""
+        out = self.logits(output)["out"]
+        self._check_labels(out.shape[1], target)
+        return torch.stack([_inter_union(o.argmax(0), m, out.shape[1])
+                            for o, m in _crops(out, target)])
+
+    def reduce(self, rows: np.ndarray) -> float:
+        inter, union = np.split(rows.sum(0), 2)
+        present = union > 0
+        return float(100.0 * (inter[present] / union[present]).mean()) if present.any() else 0.0
+
+    def metric_sums(self, output: Any, target: dict) -> dict:
+        rows = self.per_image(output, target)
+        out = self.logits(output)["out"]
+        correct = sum(((o.argmax(0) == m) & (m != IGNORE)).sum().item()
+                      for o, m in _crops(out, target))
+        pixels = (target["mask"] != IGNORE).sum().item()
+        counts = torch.tensor([correct, pixels], dtype=torch.float64)
+        return {"miou": rows.sum(0), "pixel_acc": counts}
+
+    def finish(self, totals: dict, samples: int) -> dict:
+        correct, pixels = totals["pixel_acc"].tolist()
+        return {"miou": self.reduce(totals["miou"].numpy()[None]),
+                "pixel_acc": 100.0 * correct / max(pixels, 1)}
+
+    def _check_labels(self, classes: int, target: dict) -> None:
+        labels = target["mask"][target["mask"] != IGNORE]
+        if labels.numel() and int(labels.max()) >= classes:
+            bad = int(labels.max())
+            raise UserError(f"{self._mask_with(bad)}: class index {bad} in a mask, and the model "
+                            f"gives {classes} classes (0..{classes - 1}, 255 = ignore); pass "
+                            f"--num-classes {bad + 1} or fix the mask")
+
+    def _mask_with(self, label: int) -> str:
+        """The first mask file that holds ``label`` (looked for only to name it)."""
+        for data in getattr(self, "data", ()):
+            for i, (_, mask) in enumerate(data.pairs):
+                if (data.read_mask(i) == label).any():
+                    return str(mask)
+        return "a mask"
+
+
+def _inter_union(pred: torch.Tensor, mask: torch.Tensor, classes: int) -> torch.Tensor:
+    keep = mask != IGNORE
+    pred, mask = pred[keep], mask[keep]
+    inter = torch.bincount(mask[pred == mask], minlength=classes)[:classes]
+    area = (torch.bincount(pred, minlength=classes)[:classes]
+            + torch.bincount(mask, minlength=classes)[:classes])
+    return torch.cat([inter, area - inter]).double().cpu()

@@ -1,0 +1,276 @@
+"""The built-in dense tasks, checked against hand computations on a few known masks, and
+their mask folders read from real PNGs on disk."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from gct_surgery.errors import UserError
+from gct_surgery.train.dense import (IGNORE, MaskFolder, SaliencyTask, SegmentationTask,
+                                     precision_recall)
+
+CONFIG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def target(masks, sizes=None) -> dict:
+    masks = torch.stack([torch.as_tensor(m) for m in masks])
+    sizes = sizes or [masks.shape[-2:]] * len(masks)
+    return {"mask": masks, "size": torch.tensor([list(s) for s in sizes])}
+
+
+def two_images():
+    """A: a perfect map. B: 0.6 everywhere (level 153) on half foreground."""
+    probs = torch.tensor([[[[1.0, 0.0]]], [[[0.6, 0.6]]]])  # (2, 1, 1, 2)
+    return probs, target([[[1.0, 0.0]], [[1.0, 0.0]]])
+
+
+def test_max_f_is_taken_from_mean_precision_and_recall_not_mean_f():
+    probs, y = two_images()
+    task = SaliencyTask("probabilities")
+    sums = task.metric_sums(probs, y)
+    metrics = task.finish(sums, 2)
+    # thresholds 1..153: A P=1 R=1, B P=0.5 R=1 -> mean P=0.75, R=1
+    f_low = 1.3 * 0.75 * 1 / (0.3 * 0.75 + 1)
+    assert metrics["max_f"] == pytest.approx(f_low, abs=1e-9)
+    mean_of_f = (1 + 1.3 * 0.5 / (0.3 * 0.5 + 1)) / 2  # what a mean of per-image F gives
+    assert abs(metrics["max_f"] - mean_of_f) > 0.01
+    assert metrics["mae"] == pytest.approx((0 + 0.5) / 2)
+    assert task.per_image(probs, y).tolist() == pytest.approx([0.0, 0.5])
+
+
+def test_precision_recall_by_hand():
+    p, r = precision_recall(torch.tensor([0.0, 0.5, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    # level 0, 128, 255, 255; truth F T T F
+    assert p[0].item() == pytest.approx(0.5) and r[0].item() == 1.0
+    assert p[128].item() == pytest.approx(2 / 3) and r[128].item() == 1.0
+    assert p[129].item() == pytest.approx(0.5) and r[129].item() == pytest.approx(0.5)
+    assert p[255].item() == pytest.approx(0.5) and r[255].item() == pytest.approx(0.5)
+
+
+def test_logits_side_outputs_and_the_padding_left_out():
+    task = SaliencyTask("logits")
+    logit = torch.full((1, 1, 2, 2), 10.0)
+    mask = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]])  # second row: padding
+    y = {"mask": mask, "size": torch.tensor([[1, 2]])}
+    side = (logit, -logit)  # fused first, then a side output that is all wrong
+    assert task.per_image(side, y).item() == pytest.approx(0.0, abs=1e-4)
+    one = task.loss(logit, y).item()
+    both = task.loss(side, y).item()
+    assert one < 1e-3 and both > 5  # a loss on each output, each counted
+    with pytest.raises(UserError, match="outside \\[0, 1\\].*--outputs logits"):
+        SaliencyTask("probabilities").loss(logit, y)
+    with pytest.raises(UserError, match="--outputs"):
+        SaliencyTask("guess")
+    with pytest.raises(UserError, match=r"\(1, 3, 2, 2\)"):
+        task.loss(torch.zeros(1, 3, 2, 2), y)
+
+
+def test_iou_loss_is_added_when_asked():
+    probs = torch.tensor([[[[0.5, 0.5]]]])
+    y = target([[[1.0, 0.0]]])
+    bce = SaliencyTask("probabilities").loss(probs, y).item()
+    both = SaliencyTask("probabilities", iou_loss=True).loss(probs, y).item()
+    # IoU of soft 0.5,0.5 against 1,0: inter 0.5, union (0.5+1-0.5)+(0.5) = 1.5
+    assert both - bce == pytest.approx(1 - 0.5 / 1.5, abs=1e-6)
+
+
+def test_bce_on_probabilities_under_autocast():
+    probs = torch.rand(2, 1, 4, 4)
+    y = target(torch.rand(2, 4, 4).round())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SaliencyTask("probabilities").loss(probs.bfloat16(), y)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+def test_miou_and_pixel_accuracy_by_hand():
+    # 2 classes; image 1 (2x2): prediction 0 1 / 1 1, mask 0 1 / 0 255
+    logits = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]], [[0.0, 5.0], [5.0, 5.0]]]])
+    y = target([[[0, 1], [0, IGNORE]]])
+    task = SegmentationTask()
+    metrics = task.finish(task.metric_sums(logits, y), 1)
+    # class 0: inter 1, union 2 (pred {0,0}, mask {0,0},{1,0}); class 1: inter 1, union 2
+    assert metrics["miou"] == pytest.approx(50.0)
+    assert metrics["pixel_acc"] == pytest.approx(100 * 2 / 3)
+    rows = task.per_image(logits, y).numpy()
+    assert rows.tolist() == [[1, 1, 2, 2]] and task.reduce(rows) == pytest.approx(50.0)
+
+
+def test_aux_output_weighted_like_torchvision_and_labels_checked():
+    out = torch.zeros(1, 3, 2, 2)
+    y = target([[[0, 1], [2, IGNORE]]])
+    task = SegmentationTask()
+    plain = task.loss({"out": out}, y).item()
+    assert task.loss({"out": out, "aux": out}, y).item() == pytest.approx(1.5 * plain)
+    with pytest.raises(UserError, match="class index 2.*2 classes.*--num-classes 3"):
+        task.loss(torch.zeros(1, 2, 2, 2), y)
+    with pytest.raises(UserError, match="'out'"):
+        task.loss({"logits": out}, y)
+
+
+def write_pair(root, split, stem, image_size=(12, 10), mask=None, mode="L"):
+    (root / split / "images").mkdir(parents=True, exist_ok=True)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(stem))
+    Image.fromarray(rng.integers(0, 255, (*image_size[::-1], 3), dtype=np.uint8)).save(
+        root / split / "images" / f"{stem}.jpg")
+    if mask is None:
+        mask = np.zeros(image_size[::-1], np.uint8)
+        mask[2:6, 3:8] = 255
+    Image.fromarray(mask, mode=mode).save(root / split / "masks" / f"{stem}.png")
+
+
+def test_mask_folder_keeps_each_mask_at_its_size(tmp_path):
+    write_pair(tmp_path, "val", "a", (12, 10))
+    write_pair(tmp_path, "val", "b", (20, 8))
+    val = MaskFolder(tmp_path / "val", CONFIG, labels=False, augment=False)
+    image, y = val[0]
+    assert image.shape == (3, 16, 16) and val.pad_to == (10, 20)
+    assert y["size"].tolist() == [10, 12] and y["mask"].shape == (10, 20)
+    assert y["mask"][2, 3].item() == 1.0 and y["mask"][0, 0].item() == 0.0
+    assert y["mask"][:, 12:].eq(-1).all()  # padding is "no pixel"
+    train = MaskFolder(tmp_path / "val", CONFIG, labels=False, augment=True)
+    _, y = train[1]
+    assert y["mask"].shape == (16, 16) and set(y["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_palette_masks_give_class_indices(tmp_path):
+    mask = np.zeros((10, 12), np.uint8)
+    mask[0:3] = 2
+    mask[5] = IGNORE
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [255, 255, 255] * 253)
+    write_pair(tmp_path, "train", "a")
+    image.save(tmp_path / "train" / "masks" / "a.png")
+    _, y = MaskFolder(tmp_path / "train", CONFIG, labels=True, augment=False)[0]
+    assert set(y["mask"].unique().tolist()) == {0, 2, IGNORE}
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda r: (r / "train/masks/a.png").unlink(), "a.jpg: no mask"),
+    (lambda r: (r / "train/images/a.jpg").unlink(), "a.png: no image"),
+    (lambda r: Image.new("L", (5, 5)).save(r / "train/masks/a.png"), "a.png: the mask is 5x5"),
+    (lambda r: [p.unlink() for p in (r / "train/masks").iterdir()], "masks: no .png masks"),
+])
+def test_bad_mask_folders_are_named(tmp_path, break_it, message):
+    write_pair(tmp_path, "train", "a")
+    write_pair(tmp_path, "train", "b")
+    break_it(tmp_path)
+    with pytest.raises(UserError, match=message):
+        MaskFolder(tmp_path / "train", CONFIG, labels=False, augment=False)
+
+
+def test_a_class_index_too_large_names_its_mask(tmp_path):
+    mask = np.zeros((10, 12), np.uint8)
+    mask[1, 1] = 7
+    write_pair(tmp_path, "train", "a")
+    write_pair(tmp_path, "train", "b", mask=mask)
+    write_pair(tmp_path, "val", "a")
+    task = SegmentationTask()
+    train, _ = task.datasets(tmp_path, CONFIG, augment=False)
+    _, y = train[1]
+    y = {k: v[None] for k, v in y.items()}
+    with pytest.raises(UserError, match=r"b\.png: class index 7"):
+        task.loss(torch.zeros(1, 3, 16, 16), y)
+
+
+# --- the command line: inject, finetune --task, eval ---------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _run(cli, *args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([cli, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def write_segmentation_folder(root: Path, n: int = 4, size: int = 24) -> Path:
+    """Real PNGs: class 1 a bright square, class 2 a dark one, 255 on their borders."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(90, 160, (size, size, 3), dtype=np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            for label, value in ((1, 250), (2, 10)):
+                y, x = rng.integers(0, size - 8, 2)
+                image[y:y + 8, x:x + 8] = value
+                mask[y:y + 8, x:x + 8] = label
+                mask[y, x:x + 8] = IGNORE
+            Image.fromarray(image).save(root / split / "images" / f"{i}.jpg")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    return root
+
+
+def readme_section_commands() -> list[str]:
+    """The sh lines of the README's "Saliency and segmentation" section."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Saliency and segmentation", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```sh\n(.*?)```", section, flags=re.S)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def write_readme_data(root: Path) -> None:
+    from fixtures.ownnet.salnet_data import write_saliency_folder
+
+    write_saliency_folder(root / "saliency-data")
+    write_segmentation_folder(root / "segmentation-data")
+
+
+def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path):
+    """The README's section as written, then what a user relies on in what it wrote."""
+    import shutil
+
+    write_readme_data(tmp_path)
+    shutil.copytree(FIXTURES, tmp_path / "tests" / "fixtures")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(cli).parent}{os.pathsep}{os.environ['PATH']}"}
+    lines = readme_section_commands()
+    assert len(lines) == 6 and all(line.startswith("gct-surgery ") for line in lines)
+    for line in lines:
+        proc = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
+    assert (tmp_path / "segnet.onnx").stat().st_size > 0
+
+    # saliency: MAE and max F, per-image MAE for --baseline, the recorded task for eval
+    run_dir = tmp_path / "runs" / "saliency"
+    final = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
+    assert 0 <= float(final["mae"]) <= 1 and 0 < float(final["max_f"]) <= 1
+    per_image = load_file(run_dir / "per_image.safetensors")["values"]
+    assert per_image.shape == (4,) and per_image.mean().item() == pytest.approx(float(final["mae"]))
+    run = _run(cli, "eval", run_dir / "last.safetensors", "--data", tmp_path / "saliency-data",
+               "--workers", "0", "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads(run.stdout)
+    assert doc["task"] == "saliency" and doc["samples"] == 4
+    assert doc["mae"] == pytest.approx(float(final["mae"]), abs=1e-5)
+    # probabilities or logits is never guessed
+    run = _run(cli, "finetune", tmp_path / "u2net.gct.safetensors", "--data",
+               tmp_path / "saliency-data", "--task", "saliency", "-o", tmp_path / "again")
+    assert run.returncode == 2 and "--outputs" in run.stderr
+    assert run.stderr.strip().count("\n") == 0
+
+    # segmentation: mIoU and pixel accuracy; a class index the model cannot give is named
+    run_dir = tmp_path / "runs" / "segmentation"
+    final = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
+    assert 0 <= float(final["miou"]) <= 100 and 0 <= float(final["pixel_acc"]) <= 100
+    data = tmp_path / "segmentation-data"
+    bad = np.zeros((24, 24), np.uint8)
+    bad[3, 3] = 9
+    Image.fromarray(bad).save(data / "val" / "masks" / "0.png")
+    run = _run(cli, "eval", run_dir / "last.safetensors", "--data", data, "--workers", "0")
+    assert run.returncode == 2 and "0.png: class index 9" in run.stderr
+    assert run.stderr.strip().count("\n") == 0

@@ -1,0 +1,104 @@
+"""torchvision's detection and segmentation builders, offline: they never fetch a
+backbone, and inject, export (full and gates-only), load and inspect work on them with
+outputs unchanged bit for bit (boxes, scores and labels included)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gct_surgery import load
+from gct_surgery.analysis import inspect_checkpoint
+from gct_surgery.core.model import run_model
+from gct_surgery.core.surgery import gated_modules
+from gct_surgery.io.checkpoint import save
+from gct_surgery.io.export import export
+from gct_surgery.io.metadata import CheckpointMeta
+from gct_surgery.io.sources import ModelSource, build_model, model_data_config
+from gct_surgery.operations import inject_model
+
+SMALL = {"min_size": 64, "max_size": 64}  # detection transforms resize to this
+LIGHT = [("lraspp_mobilenet_v3_large", {"num_classes": 3}),
+         ("deeplabv3_mobilenet_v3_large", {"num_classes": 4, "aux_loss": True}),
+         ("fasterrcnn_mobilenet_v3_large_320_fpn", SMALL),
+         ("ssdlite320_mobilenet_v3_large", {"num_classes": 5})]
+HEAVY = [("fcn_resnet50", {"num_classes": 2}), ("deeplabv3_resnet50", {"num_classes": 2}),
+         ("fasterrcnn_resnet50_fpn", SMALL), ("retinanet_resnet50_fpn", SMALL),
+         ("maskrcnn_resnet50_fpn", SMALL), ("keypointrcnn_resnet50_fpn", SMALL)]
+CASES = LIGHT + [pytest.param(*c, marks=pytest.mark.slow) for c in HEAVY]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in LIGHT + HEAVY])
+def test_builder_offline_inject_export_load_inspect(name, kwargs, tmp_path):
+    torch.manual_seed(0)
+    source = ModelSource(f"torchvision:{name}", kwargs)
+    model = build_model(source).eval()  # HF_HUB_OFFLINE and no network: nothing fetched
+    meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[],
+                          data=model_data_config(model))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    before, base = run_model(model, x), copy.deepcopy(model)
+    result = inject_model(model, meta, input_size=[3, 64, 64])
+    assert result.report.gates_total > 0 and len(gated_modules(model)) == result.report.gates_total
+    after = run_model(model, x)
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    ckpt = tmp_path / "gated.safetensors"
+    save(model, ckpt, result.meta)
+    full = export(ckpt, tmp_path / "full.safetensors")
+    adapter = export(ckpt, tmp_path / "gates.safetensors", gates_only=True, base=base)
+    assert full.gates == adapter.gates == result.report.gates_total
+    assert adapter.size_bytes < full.size_bytes / 5
+    again = run_model(load(tmp_path / "full.safetensors"), x)
+    assert all(torch.equal(a, b) for a, b in zip(after, again))
+    assert len(inspect_checkpoint(ckpt).rows) == result.report.gates_total
+
+
+@pytest.mark.parametrize("name,heads", [("lraspp_mobilenet_v3_large", 2),
+                                        ("deeplabv3_mobilenet_v3_large", 2)])
+def test_num_classes_replaces_every_segmentation_head_and_keeps_its_gate(name, heads):
+    from gct_surgery.core.model import dense_heads, model_num_classes, replace_head
+
+    kwargs = {"aux_loss": True} if name.startswith("deeplab") else {}
+    source = ModelSource(f"torchvision:{name}", kwargs)
+    model = build_model(source).eval()
+    meta = CheckpointMeta(source=source.to_dict(), gate={}, gated=[], data={})
+    inject_model(model, meta, input_size=[3, 64, 64], verify=False)
+    gated = len(gated_modules(model))
+    assert model_num_classes(model) == 21 and len(dense_heads(model)) == heads
+    replace_head(model, 3)
+    assert model_num_classes(model) == 3 and len(gated_modules(model)) == gated
+    out = model(torch.rand(1, 3, 64, 64))
+    assert all(v.shape == (1, 3, 64, 64) for v in out.values())
+
+
+def test_an_empty_batch_passes_a_gate():
+    """A detector's heads see no boxes on some images: (0, C, H, W) goes through."""
+    from gct_surgery.core.gate import GCT
+
+    gate = GCT(4)
+    torch.nn.init.normal_(gate.gamma)
+    x = torch.zeros(0, 4, 5, 5, requires_grad=True)
+    y = gate(x)
+    y.sum().backward()
+    assert y.shape == x.shape and gate.gamma.grad.abs().sum() == 0
+
+
+def test_a_segmentation_weights_file_gives_its_classes_and_aux_head(tmp_path):
+    """A file trained with torchvision's --aux-loss and 5 classes: both from the file."""
+    from safetensors.torch import save_file
+
+    import gct_surgery.cli
+
+    source = ModelSource("torchvision:deeplabv3_mobilenet_v3_large",
+                         {"num_classes": 5, "aux_loss": True})
+    trained = build_model(source).eval()
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    save_file(state, tmp_path / "seg.safetensors")
+    out = tmp_path / "seg.gct.safetensors"
+    code = gct_surgery.cli.run(["inject", str(tmp_path / "seg.safetensors"), "--arch",
+                                "torchvision:deeplabv3_mobilenet_v3_large", "-o", str(out)])
+    assert code == 0
+    x = torch.rand(1, 3, 64, 64)
+    got, want = load(out)(x), trained(x)
+    assert set(got) == {"out", "aux"} and got["out"].shape[1] == 5
+    assert torch.equal(got["out"], want["out"]) and torch.equal(got["aux"], want["aux"])
