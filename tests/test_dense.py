@@ -229,7 +229,7 @@ def write_readme_data(root: Path) -> None:
     write_segmentation_folder(root / "segmentation-data")
 
 
-def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path):
+def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path, capsys):
     """The README's section as written, then what a user relies on in what it wrote."""
     import shutil
 
@@ -251,17 +251,21 @@ def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path):
     assert 0 <= float(final["mae"]) <= 1 and 0 < float(final["max_f"]) <= 1
     per_image = load_file(run_dir / "per_image.safetensors")["values"]
     assert per_image.shape == (4,) and per_image.mean().item() == pytest.approx(float(final["mae"]))
-    run = _run(cli, "eval", run_dir / "last.safetensors", "--data", tmp_path / "saliency-data",
-               "--workers", "0", "--json")
-    assert run.returncode == 0, run.stderr[-2000:]
-    doc = json.loads(run.stdout)
+    import gct_surgery.cli  # the same entry point in this process: no interpreter start-up
+
+    code = gct_surgery.cli.run(["eval", str(run_dir / "last.safetensors"), "--data",
+                                str(tmp_path / "saliency-data"), "--workers", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    doc = json.loads(out)
     assert doc["task"] == "saliency" and doc["samples"] == 4
     assert doc["mae"] == pytest.approx(float(final["mae"]), abs=1e-5)
     # probabilities or logits is never guessed
-    run = _run(cli, "finetune", tmp_path / "u2net.gct.safetensors", "--data",
-               tmp_path / "saliency-data", "--task", "saliency", "-o", tmp_path / "again")
-    assert run.returncode == 2 and "--outputs" in run.stderr
-    assert run.stderr.strip().count("\n") == 0
+    code = gct_surgery.cli.run(["finetune", str(tmp_path / "u2net.gct.safetensors"), "--data",
+                                str(tmp_path / "saliency-data"), "--task", "saliency", "-o",
+                                str(tmp_path / "again")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--outputs" in err and err.strip().count("\n") == 0
 
     # segmentation: mIoU and pixel accuracy; a class index the model cannot give is named
     run_dir = tmp_path / "runs" / "segmentation"
@@ -271,6 +275,7 @@ def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path):
     bad = np.zeros((24, 24), np.uint8)
     bad[3, 3] = 9
     Image.fromarray(bad).save(data / "val" / "masks" / "0.png")
-    run = _run(cli, "eval", run_dir / "last.safetensors", "--data", data, "--workers", "0")
-    assert run.returncode == 2 and "0.png: class index 9" in run.stderr
-    assert run.stderr.strip().count("\n") == 0
+    code = gct_surgery.cli.run(["eval", str(run_dir / "last.safetensors"), "--data", str(data),
+                                "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "0.png: class index 9" in err and err.strip().count("\n") == 0

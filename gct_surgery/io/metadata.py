@@ -215,7 +215,7 @@ def check_against_header(meta: CheckpointMeta, shapes: dict[str, list[int]],
     kwargs = (meta.source.get("kwargs") or {}) if meta.kind == "full" else {}
     classes = kwargs.get("num_classes")  # the builder would allocate a head of that many rows
     # a multiple: a detection head has anchors x classes rows
-    if _is_int(classes) and classes > 0 and not any(s and s[0] % classes == 0
+    if _is_int(classes) and classes > 0 and not any(s and s[0] >= classes and s[0] % classes == 0
                                                     for s in shapes.values()):
         raise CheckpointError(f"{path}: metadata says num_classes={classes} but no stored tensor "
                               "has that many rows")

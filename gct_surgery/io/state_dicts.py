@@ -210,7 +210,12 @@ def classes_in(model: nn.Module, tensors: dict, fallback: int | None = None) -> 
     ``num_classes`` argument)."""
     head = classifier_name(model) or next(iter(dense_heads(model)), None)
     weight = _fitted(model, tensors)[0].get(f"{head}.weight") if head else None
-    return int(weight.shape[0]) if weight is not None and weight.ndim >= 2 else fallback
+    if weight is not None and weight.ndim >= 2:
+        return int(weight.shape[0])
+    # a recorded count is believed only where some tensor has that many rows (a file
+    # cannot make the tool allocate a head larger than what it holds)
+    rows = {int(t.shape[0]) for t in tensors.values() if getattr(t, "ndim", 0)}
+    return fallback if isinstance(fallback, int) and fallback in rows else None
 
 
 def load_file_weights(model: nn.Module, tensors: dict, what: str) -> str | None:

@@ -251,9 +251,12 @@ class SegmentationTask(_DenseTask):
         for name, out in self.logits(output).items():
             self._check_labels(out.shape[1], target)
             weight = self.aux_weight if name == "aux" else 1.0
-            total = total + weight * sum(F.cross_entropy(o[None], m[None], ignore_index=IGNORE)
-                                         for o, m in _crops(out, target))
-        return total / len(target["size"])
+            summed = sum(F.cross_entropy(o[None], m[None], ignore_index=IGNORE, reduction="sum")
+                         for o, m in _crops(out, target))
+            total = total + weight * summed  # a mask of "ignore" only adds nothing
+        labelled = sum(int((m != IGNORE).sum())
+                       for _, m in _crops(self.logits(output)["out"], target))
+        return total / max(labelled, 1)
 
     def per_image(self, output: Any, target: dict) -> torch.Tensor:
         """(N, 2C): each image's per-class intersections and unions; ``reduce`` gives mIoU."""

@@ -64,8 +64,10 @@ def evaluate(model: nn.Module, dataset, task: Task, device: torch.device, *, amp
                 sums[k] = sums[k] + value if k in sums else value
             if keep:
                 kept.append(task.per_image(out, y).detach().to("cpu", torch.float64))
-    sums = {k: distributed.all_reduce_sum(torch.as_tensor(v, dtype=torch.float64))
-            for k, v in sums.items()}
+    parts = distributed.all_gather_objects(sums)  # a rank without images holds zeros
+    keys = dict.fromkeys(k for part in parts for k in part)
+    sums = {k: sum(torch.as_tensor(part.get(k, 0.0), dtype=torch.float64) for part in parts)
+            for k in keys}
     n = max(sums["samples"].item(), 1.0)
     finish = getattr(task, "finish", None)  # dataset-level metrics from summed counts
     metrics = finish(sums, int(n)) if callable(finish) else {k: sums[k].item() / n for k in names}
