@@ -20,7 +20,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/gct-surgery demo --out demo-out --force  # 3 seeds, ~2 min; --force: replaces an earlier demo only
 
 test: $(STAMP)  # two test processes: each test uses one torch thread (tests/conftest.py)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow

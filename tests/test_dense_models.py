@@ -20,10 +20,10 @@ from gct_surgery.operations import inject_model
 
 SMALL = {"min_size": 64, "max_size": 64}  # detection transforms resize to this
 LIGHT = [("lraspp_mobilenet_v3_large", {"num_classes": 3}),
-         ("deeplabv3_mobilenet_v3_large", {"num_classes": 4, "aux_loss": True}),
-         ("fasterrcnn_mobilenet_v3_large_320_fpn", SMALL),
-         ("ssdlite320_mobilenet_v3_large", {"num_classes": 5})]
-HEAVY = [("fcn_resnet50", {"num_classes": 2}), ("deeplabv3_resnet50", {"num_classes": 2}),
+         ("fasterrcnn_mobilenet_v3_large_320_fpn", SMALL)]
+HEAVY = [("deeplabv3_mobilenet_v3_large", {"num_classes": 4, "aux_loss": True}),
+         ("ssdlite320_mobilenet_v3_large", {"num_classes": 5}),
+         ("fcn_resnet50", {"num_classes": 2}), ("deeplabv3_resnet50", {"num_classes": 2}),
          ("fasterrcnn_resnet50_fpn", SMALL), ("retinanet_resnet50_fpn", SMALL),
          ("maskrcnn_resnet50_fpn", SMALL), ("keypointrcnn_resnet50_fpn", SMALL)]
 CASES = LIGHT + [pytest.param(*c, marks=pytest.mark.slow) for c in HEAVY]
