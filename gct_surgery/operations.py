@@ -222,8 +222,8 @@ def inject_model(
     x, before, functional = None, None, []
     if verify:
         with _runs_on(x := example_input(meta.data.get("input_size"))):
-            before, convs = run_model(model, x), watch_convs(model, x)  # one forward answers both
-        functional = convs.functional
+            convs = watch_convs(model, x)  # one forward: the outputs and what the convs saw
+        before, functional = convs.outputs, convs.functional
         if targets.names is None:
             targets = replace(targets, inputs_1x1=tuple(convs.inputs_1x1))
     report = inject(model, targets, gate)

@@ -163,6 +163,7 @@ GateImpl = _choices("GateImpl", "fast", "reference")  # fused, or the official f
 MetricsFormat = _choices("MetricsFormat", "csv", "jsonl")
 Split = _choices("Split", "val", "validation", "train", "test")  # validation is read as val
 OutputKind = _choices("OutputKind", "probabilities", "logits")  # a saliency model's maps
+Control = _choices("Control", "static", "identity")  # gamma held at 0, or gates removed
 
 def trust_source_option():
     """``--trust-source``, the same in every command that opens files."""

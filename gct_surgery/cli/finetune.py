@@ -2,23 +2,19 @@
 from __future__ import annotations
 
 import contextlib
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ._output import (Amp, GateImpl, MetricsFormat, OutputKind, StageKind, console, given_options, info,
-                      is_human, labelled, plural, print_json, short_number, trust_source_option,
-                      warn)
+from ._output import (Amp, Control, GateImpl, MetricsFormat, OutputKind, StageKind, console,
+                      given_options, info, is_human, labelled, plural, print_json, short_number,
+                      trust_source_option, warn)
 
 
 COMPARE = "Did the gates help?"
 
 
-class Control(str, Enum):
-    static = "static"      # gamma held at 0: fixed per-channel scales
-    identity = "identity"  # gates removed
 
 
 def finetune(

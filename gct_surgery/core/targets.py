@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import NoTargetsError, UserError
 from .gate import is_gate_parameter
-from .model import run_with_hooks
+from .model import flat_outputs, run_with_hooks
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -221,6 +221,7 @@ class ConvCalls:
 
     inputs_1x1: list[str]  # every name of a conv whose input was 1x1 spatially at each call
     functional: list[str]  # convs called as functions, e.g. 'head.fuse (F.conv2d)'
+    outputs: list = field(default_factory=list)  # the model's outputs on that pass, flat
 
 
 @torch.no_grad()
@@ -248,6 +249,6 @@ def watch_convs(model: nn.Module, example_input) -> ConvCalls:
                for h in (module.register_forward_pre_hook(enter(name, is_conv(module))),
                          module.register_forward_hook(leave))]
     with _ConvCallRecorder(running) as recorder:
-        run_with_hooks(model, example_input, handles)
+        outputs = flat_outputs(run_with_hooks(model, example_input, handles))
     return ConvCalls([n for n, m in model.named_modules(remove_duplicate=False) if all_1x1.get(m)],
-                     list(recorder.calls))
+                     list(recorder.calls), outputs)
