@@ -19,7 +19,7 @@ from gct_surgery.io.checkpoint import read_metadata
 from gct_surgery.train.config import COLOR_JITTER, CROP_SCALE, HFLIP, TrainConfig
 from gct_surgery.train.layouts import DataOptions, open_datasets, open_split, recorded_options
 from gct_surgery.train.data import create_transform, resolve_data_config
-from gct_surgery.train.outputs import read_run_info, read_run_json
+from gct_surgery.train.state import read_state, recorded_run
 from gct_surgery.train.task import ClassificationTask
 
 from fixtures.runs import make_checkpoint, write_folder
@@ -65,7 +65,7 @@ def test_csv_layout_trains_and_evaluates_counting_a_missing_file(folders, ckpt, 
     assert result["data"]["bad_files"] == 2  # the run reports train's and val's
     assert sorted(b["path"].rsplit("/", 3)[-2] for b in result["data"]["first_bad"]) == ["train", "val"]
     assert all("missing" in b["reason"] for b in result["data"]["first_bad"])
-    info = read_run_json(tmp_path / "run")
+    info = read_state(tmp_path / "run")["run"]
     assert info["data"]["splits"] == {"train": 24, "val": 12}
     ev = _cli(cli, "eval", str(tmp_path / "run" / "last.safetensors"), "--data", str(data),
               "--workers", "0", "--json")
@@ -113,11 +113,11 @@ def test_val_split_cli_trains_evaluates_and_resumes_on_the_held_out_files(folder
     run = _cli(cli, "finetune", str(ckpt), "--data", str(data), "--out", str(out), *RUN,
                "--val-split", "0.25", "--seed", "1", "--json")
     assert run.returncode == 0, run.stderr
-    info = read_run_json(out)["data"]
+    info = read_state(out)["run"]["data"]
     assert info["val_split"] == {"fraction": 0.25, "seed": 1}
     assert info["splits"] == {"train": 18, "val": 6}
-    # What --resume rebuilds (the config from run.json) holds out the same files.
-    config, _, _ = read_run_info(out, {})
+    # What --resume rebuilds (the config the state file records) holds out the same files.
+    config, _, _ = recorded_run(out, read_state(out))
     task = ClassificationTask(DataOptions.from_config(config))
     _, val = task.datasets(data, CFG, augment=False)
     assert val.fingerprint() == info["fingerprint"]["val"]
@@ -156,7 +156,7 @@ def test_class_map_fixes_the_indices_and_refuses_unknown_classes(folders, ckpt, 
                          img_size=32, class_map=str(class_map))
     result = finetune(ckpt, default_recipe().only("full").override(epochs=1), config)
     assert read_metadata(result.run_dir / "last.safetensors").data["class_names"] == order
-    assert read_run_json(result.run_dir)["data"]["class_names"] == order
+    assert read_state(result.run_dir)["run"]["data"]["class_names"] == order
     train, _ = ClassificationTask(DataOptions(class_map=str(class_map))).datasets(folders, CFG, augment=False)
     assert all(label == order.index(Path(path).parent.name) for path, label in train.samples)
     class_map.write_text(f"{order[0]}\n{order[1]}\n")  # one name per line, a class missing

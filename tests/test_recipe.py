@@ -55,7 +55,7 @@ def test_toml_and_yaml_give_the_same_recipe(tmp_path):
 def test_resolved_recipe_round_trips_through_json(tmp_path):
     (tmp_path / "r.toml").write_text(TOML)
     r = load_recipe(tmp_path / "r.toml")
-    again = recipe_from_dict(json.loads(r.to_json()))
+    again = recipe_from_dict(json.loads(json.dumps(r.to_dict())))
     assert [s.to_dict() for s in again.stages] == [s.to_dict() for s in r.stages]
     assert again.stages[1].base_lr == 0.001 and again.stages[0].freeze_bn is True
 

@@ -205,13 +205,13 @@ def test_a_recorded_task_is_code_a_file_names(attack, tmp_path, ckpt, data):
 
 
 def test_a_run_folder_cannot_name_a_task_for_resume(attack, tmp_path, ckpt, data, capsys):
-    """``--resume`` reads the task from run.json: a folder someone sent is a file too."""
+    """``--resume`` reads the task from the state file: a folder someone sent is a file too."""
     out = tmp_path / "run"
     assert run(["finetune", str(ckpt), "--data", str(data), "--out", str(out), "--stage", "gates",
                 "--epochs", "1", "--img-size", "32", "--batch-size", "8"]) == 0
-    info = json.loads((out / "run.json").read_text())
-    info["config"]["task"] = attack.sources["script"]["spec"]
-    (out / "run.json").write_text(json.dumps(info))
+    state = torch.load(out / "state.pt", weights_only=True)
+    state["run"]["config"]["task"] = attack.sources["script"]["spec"]
+    torch.save(state, out / "state.pt")
     capsys.readouterr()
     assert run(["finetune", "--resume", str(out), "--epochs", "2"]) == 2
     assert "names a task to run" in capsys.readouterr().err

@@ -72,9 +72,9 @@ def run_copy(finished, data, tmp_path) -> tuple[Path, Path]:
     run, copy = tmp_path / "run", tmp_path / "data"
     shutil.copytree(finished, run)
     shutil.copytree(data, copy)
-    info = json.loads((run / "run.json").read_text())
-    info["config"]["data"] = str(copy)
-    (run / "run.json").write_text(json.dumps(info))
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["run"]["config"]["data"] = str(copy)
+    torch.save(state, run / "state.pt")
     return run, copy
 
 
@@ -108,7 +108,7 @@ def test_two_runs_on_one_folder_the_second_is_refused(ckpt, data, tmp_path, cli)
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "run.json").exists() and time.monotonic() < deadline:
+        while not (out / "run.json").exists() and time.monotonic() < deadline:  # written at start
             assert first.poll() is None, first.communicate()[1][-2000:]
             time.sleep(0.05)
         assert (out / RunDir.LOCK).read_text().strip() == str(first.pid)
@@ -214,25 +214,34 @@ def test_state_tensors_that_do_not_fit_the_model_are_refused(run_copy, capsys):
     assert f"{name}: copying a param with shape torch.Size([2, 2])" in line
 
 
-@pytest.mark.parametrize("damage, says", [
-    (lambda t: t[: len(t) // 2], "not valid JSON"),
-    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "recipe"}), "no 'recipe'"),
-    (lambda t: t.replace('"batch_size": 8', '"batch_size": 8, "bogus": 1'), "'bogus'"),
-    (None, "has no run.json"),
+def _edit_record(run: Path, edit) -> None:
+    state = torch.load(run / "state.pt", weights_only=True)
+    edit(state["run"])
+    torch.save(state, run / "state.pt")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda r: r.pop("recipe"), "no 'recipe'"),
+    (lambda r: r["config"].update(bogus=1), "'bogus'"),
 ])
-def test_a_damaged_run_json_is_one_line(run_copy, damage, says, cli, capsys):
+def test_a_state_file_whose_record_was_edited_is_one_line(run_copy, edit, says, capsys):
     run, _ = run_copy
-    path = run / "run.json"
-    if damage is None:
-        path.unlink()
-    else:
-        path.write_text(damage(path.read_text()))
-    if says == "not valid JSON":  # the issue's case, as a real subprocess
-        done = run_cli(cli, ["finetune", "--resume", str(run)])
-        code, err = done.returncode, done.stderr
-    else:
-        code, err = cli_run(["finetune", "--resume", str(run)]), capsys.readouterr().err
-    assert code == 2 and says in one_error_line(err)
+    _edit_record(run, edit)
+    assert cli_run(["finetune", "--resume", str(run)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "state.pt is damaged or was edited" in line and says in line
+
+
+def test_run_json_is_a_copy_for_people_that_a_resume_never_reads(run_copy, capsys):
+    """The state file is the one record of a run: run.json cut short or removed changes
+    nothing, and a resume writes it again."""
+    run, _ = run_copy
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text("{")
+    assert cli_run(["finetune", "--resume", str(run)]) == 0
+    again = json.loads((run / "run.json").read_text())
+    assert again["recipe"] == record["recipe"] and again["data"] == record["data"]
+    assert again["config"]["data"] != record["config"]["data"]  # the copy's data, as in state.pt
 
 
 def test_resume_of_a_missing_folder_creates_nothing(tmp_path, capsys):

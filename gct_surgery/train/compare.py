@@ -260,7 +260,7 @@ def resume_comparison(out: str | Path, *, on_event: Event | None = None, data: s
     verdict. Options as for ``resume``; ``epochs`` extends every arm alike (``_extend``)."""
     out = Path(out)
     path = out / (COMPARISON_PLAN if (out / COMPARISON_PLAN).is_file() else SEED_PLAN)
-    refuse_fixed(fixed, path)
+    refuse_fixed(fixed, str(path))
     overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
     with hold(out, create=False, what="comparison"):
         plan, doc = Plan.read(path)

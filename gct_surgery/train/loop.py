@@ -47,11 +47,11 @@ from .config import RunResult, TrainConfig, ema_decay_for, resume_overrides
 from .data import DataReport
 from .epoch import end_epoch, epoch_zero, train_one_epoch
 from .faults import Interrupted, RunError, StopFlag, fault_point, install_fault
-from .outputs import RunDir, hold, new_run, read_run_info, write_plot, write_run_info
+from .outputs import RunDir, hold, new_run, run_record, write_plot, write_run_json
 from .recipe import Recipe
 from .state import (Event, Progress, Run, check_world, count_steps, data_record, extend_run,
-                    fit_scheduler, note_position, read_state, refuse_fixed, set_rng_state,
-                    steps_per_epoch)
+                    fit_scheduler, note_position, read_state, recorded_run, refuse_fixed,
+                    set_rng_state, steps_per_epoch)
 from .stages import (Stage, freeze_for_stage, hold_gamma, make_optimizer, make_scheduler,
                      trained_words)
 from .task import Task, load_task
@@ -109,7 +109,7 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
     ``epochs`` extends the stages not yet finished (``state.extend_run``). ``fixed``:
     options the caller was given that the run's record fixes, refused by name."""
     run_dir = Path(run_dir)
-    refuse_fixed(fixed, run_dir / RunDir.RUN)
+    refuse_fixed(fixed, f"the run in {run_dir}")
     overrides = resume_overrides(data=data, strict=strict, skip_nonfinite=skip_nonfinite)
     with hold(run_dir, create=False):  # a live run of this folder is never touched
         state = read_state(run_dir)
@@ -117,9 +117,9 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
         if epochs is not None:
             extended = extend_run(run_dir, state, epochs)
             meta = meta.with_event("extend", epochs=epochs, recipe=extended.to_dict())
-        config, recipe, source = read_run_info(run_dir, overrides)
-        require(config.task, named_by=str(run_dir / RunDir.RUN), what="a task")
-        fit_scheduler(state, recipe, steps_per_epoch(run_dir))
+        config, recipe, source = recorded_run(run_dir, state, **overrides)
+        require(config.task, named_by=str(RunDir(run_dir).state), what="a task")
+        fit_scheduler(state, recipe, steps_per_epoch(state))
         return run_recipe(rebuild(meta, named_by=str(run_dir)), meta, recipe, config,
                           on_event or log_event, state=state, source=source)
 
@@ -176,7 +176,13 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
         model.to(memory_format=torch.channels_last)
 
     run = Run(config, recipe, Path(config.out), model, meta, task, train_set, val_set,
-              device, ctx, on_event, stop=StopFlag(Path(config.out)), machine=chosen)
+              device, ctx, on_event, stop=StopFlag(Path(config.out)), machine=chosen,
+              record=state["run"] if state is not None else run_record(
+                  source=source, config=config, recipe=recipe, world_size=ctx.world_size,
+                  data=data_record(task, train_set, val_set, config, ctx.world_size),
+                  machine=chosen.to_dict()))
+    if ctx.is_main:  # a copy for people; a resume writes it again (an extension changed it)
+        write_run_json(run.run_dir, run.record)
     run.progress.data_report = DataReport()  # what the folders held besides good images
     for ds in (train_set, val_set):  # (none for a --task's own datasets)
         if isinstance(getattr(ds, "report", None), DataReport):
@@ -197,10 +203,6 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
         for path in atomic.remove_stale_temps(run.run_dir) if ctx.is_main else ():
             _logger.info("removed %s, left by an interrupted write", path)
     else:
-        if ctx.is_main:
-            write_run_info(run.run_dir, source=source, config=config, recipe=recipe, world_size=ctx.world_size,
-                           data=data_record(task, train_set, val_set, config, ctx.world_size),
-                           machine=chosen.to_dict())
         epoch_zero(run)
 
     with run.stop:

@@ -46,7 +46,7 @@ class RunDir:
     BEST = "best.safetensors"
     EMA = "ema.safetensors"
     STATE = "state.pt"                    # the train state a resume continues from
-    RUN = "run.json"                      # config, recipe and data record of the run
+    RUN = "run.json"                      # the run's record, for people (state.pt holds it)
     RECIPE = "recipe.json"
     PLOT = "metrics.png"
     PER_IMAGE = "per_image.safetensors"   # the final epoch's per-image results
@@ -193,21 +193,27 @@ def _mark_stages(axes, rows: list[dict]) -> None:
         ax.legend()
 
 
-# --- run.json -----------------------------------------------------------------------
+# --- the run's record ------------------------------------------------------------------
 
-def write_run_info(run_dir: Path, *, source: str, config: TrainConfig, recipe: Recipe,
-                   world_size: int, data: dict | None = None, machine: dict | None = None) -> None:
-    """run.json (checkpoint, config, recipe: what ``resume`` rebuilds the run from, and
-    what the data was: ``state.data_record``) and recipe.json (the recipe alone, to
-    read or reuse)."""
-    info = {"checkpoint": source, "config": asdict(config), "recipe": recipe.to_dict(),
-            "world_size": world_size, "data": data,
-            "machine": machine}  # what this start chose (threads, workers); a resume chooses again
-    atomic_write_text(run_dir / RunDir.RUN, strict_json(info) + "\n")
-    atomic_write_text(run_dir / RunDir.RECIPE, recipe.to_json() + "\n")
+def run_record(*, source: str, config: TrainConfig, recipe: Recipe, world_size: int,
+               data: dict, machine: dict) -> dict:
+    """What a run started from (checkpoint, config, recipe, world size), what the data
+    was (``state.data_record``) and what this start chose (threads, workers; a resume
+    chooses again). Kept in the state file, as plain JSON types; ``run.json`` is a copy
+    for people, never read back."""
+    return json.loads(strict_json({
+        "checkpoint": source, "config": asdict(config), "recipe": recipe.to_dict(),
+        "world_size": world_size, "data": data, "machine": machine, "history": []}))
 
 
-def _damaged_json(path: Path, what: str) -> RunError:
+def write_run_json(run_dir: Path, record: dict) -> None:
+    """``run.json`` (the record, to read) and ``recipe.json`` (the recipe alone, to reuse)."""
+    atomic_write_text(run_dir / RunDir.RUN, strict_json(record) + "\n")
+    recipe = json.dumps(record["recipe"], indent=2, sort_keys=True)
+    atomic_write_text(run_dir / RunDir.RECIPE, recipe + "\n")
+
+
+def _damaged(path: Path, what: str) -> RunError:
     return RunError(f"{path} is damaged or was edited ({what}), so the run cannot resume from it; "
                     "restore it from a copy, or start the run again with a new --out")
 
@@ -220,54 +226,35 @@ def read_json(path: Path) -> dict:
         raise RunError(f"{path.parent} has no {path.name}, so it cannot be resumed (is it a run "
                        "folder?); start the run again with a new --out") from None
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _damaged_json(path, f"not valid JSON: {str(e).splitlines()[0][:80]}") from None
+        raise _damaged(path, f"not valid JSON: {str(e).splitlines()[0][:80]}") from None
     if not isinstance(doc, dict):
-        raise _damaged_json(path, "not a JSON object")
+        raise _damaged(path, "not a JSON object")
     return doc
 
 
-def read_run_json(run_dir: Path) -> dict:
-    """run.json as written (what the run started from)."""
-    return read_json(Path(run_dir) / RunDir.RUN)
-
-
-def _rebuild(path: Path, doc: dict, **config) -> tuple[TrainConfig, Recipe]:
-    """The config and recipe a run.json or a plan records, or one line if it cannot be."""
+def rebuild_record(path: Path, doc: dict, **config) -> tuple[TrainConfig, Recipe]:
+    """The config and recipe a run's record or a comparison's plan holds, or one line."""
     try:
         recipe = doc["recipe"]
         return (TrainConfig(**{**doc["config"], **config}),
                 recipe_from_dict(recipe, source=str(recipe.get("source", "recipe"))))
     except KeyError as e:
-        raise _damaged_json(path, f"no {e}") from None
+        raise _damaged(path, f"no {e}") from None
     except (TypeError, ValueError, AttributeError, UserError) as e:
-        raise _damaged_json(path, str(e)[:120]) from None
+        raise _damaged(path, str(e)[:120]) from None
 
 
-def read_run_info(run_dir: Path, overrides: dict) -> tuple[TrainConfig, Recipe, str]:
-    """What run.json records: the config (with ``overrides`` applied), the recipe, and
-    the checkpoint the run started from."""
-    path = Path(run_dir) / RunDir.RUN
-    info = read_json(path)
-    config, recipe = _rebuild(path, info, **overrides, out=str(run_dir))
-    return config, recipe, str(info.get("checkpoint", ""))
-
-
-def record_extension(path: Path, recipe: Recipe, *, epochs: int,
-                     config_changes: dict | None = None) -> None:
-    """run.json (or a comparison's plan) at ``path`` takes the extended ``recipe`` (what
-    every later resume reads) and a ``history`` entry saying the run was extended; a
-    run's recipe.json follows."""
+def with_extension(doc: dict, recipe: Recipe, *, epochs: int,
+                   config_changes: dict | None = None) -> dict:
+    """A run's record (or a comparison's plan) with the extended ``recipe``, which every
+    later resume reads, and a ``history`` entry saying the run was extended."""
     import time
 
-    doc = read_json(path)
-    doc["history"] = [*doc.get("history", []), {
+    history = [*doc.get("history", []), {
         "event": "extended", "epochs": epochs, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "stages": {s.name: s.epochs for s in recipe.stages}}]
-    doc["recipe"] = recipe.to_dict()
-    doc["config"] = {**doc["config"], **(config_changes or {})}
-    atomic_write_text(path, strict_json(doc) + "\n")
-    if path.name == RunDir.RUN:
-        atomic_write_text(path.parent / RunDir.RECIPE, recipe.to_json() + "\n")
+    return {**doc, "history": history, "recipe": recipe.to_dict(),
+            "config": {**doc["config"], **(config_changes or {})}}
 
 
 # --- a comparison's files ------------------------------------------------------------
@@ -304,6 +291,12 @@ def write_comparison(comparison) -> tuple[Path, Path]:
     return doc_path, out / RunDir.PLOT
 
 
+def record_extension(path: Path, recipe: Recipe, *, epochs: int) -> None:
+    """A comparison's plan at ``path`` takes the extended ``recipe`` (``with_extension``)."""
+    atomic_write_text(path, strict_json(with_extension(read_json(path), recipe, epochs=epochs))
+                      + "\n")
+
+
 def is_comparison(folder: str | Path) -> bool:
     """True for the folder of a ``--baseline`` comparison, or of one of its seeds."""
     return any((Path(folder) / name).is_file() for name in (COMPARISON_PLAN, SEED_PLAN))
@@ -321,7 +314,7 @@ def read_plan(path: Path) -> dict:
     ``out``: the folder the plan is in, or above a seed's)."""
     doc = read_json(path)
     out = path.parent.parent if path.name == SEED_PLAN else path.parent
-    config, recipe = _rebuild(path, doc, out=str(out))
+    config, recipe = rebuild_record(path, doc, out=str(out))
     doc.pop("history", None)
     return {**doc, "recipe": recipe, "config": config}
 
@@ -350,7 +343,7 @@ def read_arm_result(run_dir: Path) -> RunResult | None:
                          higher_is_better=bool(r["higher_is_better"]), stages=list(r["stages"]),
                          val_samples=int(r["val_samples"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise _damaged_json(path, f"result: {e}") from None
+        raise _damaged(path, f"result: {e}") from None
 
 
 def write_per_image(run_dir: Path, values, metric: str) -> None:

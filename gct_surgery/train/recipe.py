@@ -38,9 +38,6 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"source": self.source, "stages": [s.to_dict() for s in self.stages]}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @property
     def total_epochs(self) -> int:
         return sum(s.epochs for s in self.stages)

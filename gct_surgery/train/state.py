@@ -8,9 +8,10 @@ optimizer, scheduler, scaler and EMA state, every RNG, and the progress. Written
 atomically, read back with ``torch.load(weights_only=True)`` (a hostile file cannot run
 code) and not re-checked field by field: a file cut short or foreign is one line.
 
-At the start, ``run.json`` records the data a run trains on (``data_record``). Before
-the first step of a resume, ``check_world`` compares the data as it is now with that
-record: class names or their order changed (a folder renamed, added or removed) is
+The state file is the one record of a run: it also holds what the run started from
+(``run``: checkpoint, config, recipe, and the data it trains on, ``data_record``), so
+``run.json`` is only a copy for people. Before the first step of a resume,
+``check_world`` compares the data as it is now with that record: class names or their order changed (a folder renamed, added or removed) is
 refused, naming the classes, since labels are folder positions; a split's size or
 files changed is a warning. State tensors that do not fit the model, or are not
 finite, are refused (``loop._restore``: torch's own shape check, as one line).
@@ -37,14 +38,14 @@ from ..io.metadata import CheckpointMeta
 from . import distributed
 from .config import TrainConfig, ema_decay_for
 from .data import DataReport
+from .layouts import SHOWN
 from .faults import NonFiniteLossError, RunError, StopFlag, writing
-from .outputs import RunDir, read_run_info, read_run_json, record_extension
+from .outputs import RunDir, rebuild_record, with_extension
 from .recipe import Recipe
 from .task import Task
 
 _logger = logging.getLogger(__name__)
-STATE_VERSION = 2
-SHOWN = 8  # class names shown in a message
+STATE_VERSION = 3
 Event = Callable[[str, dict], None]
 
 
@@ -132,6 +133,7 @@ class Run:
     stop: StopFlag | None = None   # run_recipe always gives one
     progress: Progress = field(default_factory=Progress)
     resume_from: dict | None = None  # the train state resumed from: its stage's optimizer...
+    record: dict = field(default_factory=dict)  # what the run started from (outputs.run_record)
     machine: Any = None            # distributed.MachineChoice: threads and loader workers
 
     @property
@@ -168,14 +170,20 @@ def write_state(run: Run, optimizer, scheduler, scaler) -> None:
         "scaler": scaler.state_dict() if scaler is not None else {},
         "ema": _cpu(run.ema.module) if run.ema is not None else {},
         "rng": rng_state(),
+        "run": run.record,
         **progress.to_state(),
     }
+    save_state(run.run_dir, state, run.resume_hint)
+    note_position(run)
+
+
+def save_state(run_dir: Path, state: dict, hint: str) -> None:
+    """The state file, written atomically: a failed write keeps the old one."""
     buffer = io.BytesIO()  # not torch.save(state, tmp): on a full disk it raises a RuntimeError
     torch.save(state, buffer)
-    path = RunDir(run.run_dir).state
-    with writing(path, run.resume_hint):
+    path = RunDir(run_dir).state
+    with writing(path, hint):
         atomic_write_bytes(path, buffer.getvalue())
-    note_position(run)
 
 
 def refuse_nonfinite_weights(run: Run) -> None:
@@ -225,6 +233,13 @@ def read_state(run_dir: Path) -> dict:
     return state
 
 
+def recorded_run(run_dir: Path, state: dict, **overrides) -> tuple[TrainConfig, Recipe, str]:
+    """The config (with ``overrides``), recipe and checkpoint the state's record holds."""
+    record = state.get("run") if isinstance(state.get("run"), dict) else {}
+    config, recipe = rebuild_record(RunDir(run_dir).state, record, **overrides, out=str(run_dir))
+    return config, recipe, str(record.get("checkpoint", ""))
+
+
 # --- random number generators -------------------------------------------------------
 
 def rng_state() -> dict:
@@ -259,7 +274,7 @@ def count_steps(samples: int, batch_size: int, world_size: int, grad_accum: int 
 
 def data_record(task: Any, train_set: Any, val_set: Any, config: TrainConfig,
                 world_size: int) -> dict:
-    """What ``run.json`` records about the data at the start of a run."""
+    """What a run records about its data at the start."""
     names = getattr(task, "class_names", None)
     record: dict = {"class_names": list(names) if names else None,
                     "splits": {"train": len(train_set), "val": len(val_set)},
@@ -282,7 +297,7 @@ def check_world(state: dict | None, meta: CheckpointMeta, model: nn.Module,
     if state is None:
         return
     run_dir = Path(config.out)
-    recorded = read_run_json(run_dir).get("data") or {}
+    recorded = state["run"].get("data") or {}
     now = data_record(task, *splits, config, world_size)
     _check_classes(recorded.get("class_names") or meta.data.get("class_names"),
                    now["class_names"], config.data, run_dir)
@@ -328,9 +343,9 @@ def _warn_data_changes(recorded: dict, now: dict, data: str) -> None:
 
 # --- a run extended when it resumes: finetune --resume RUN --epochs N -------------------
 
-def refuse_fixed(options: Iterable[str], fixed_by: Path) -> None:
+def refuse_fixed(options: Iterable[str], fixed_by: str) -> None:
     """Options given with ``--resume`` that the run's record fixes: one line naming the
-    first, where it is fixed, and what to do instead."""
+    first, what fixes it, and what to do instead."""
     for option in options:
         raise UserError(f"{option} cannot change when resuming: {fixed_by} fixes it; start a "
                         f"new run with -o NEW_DIR (with --resume only --epochs, --data, --strict "
@@ -377,24 +392,25 @@ def extend_run(run_dir: Path, state: dict, epochs: int,
                new_recipe: Callable[[Recipe], Recipe] | None = None, *,
                record: bool = True) -> Recipe:
     """Give the run in ``run_dir`` its extended recipe (by default: ``epochs`` in every
-    stage from the one in progress on), checked against ``state`` and recorded in
-    run.json with a ``history`` entry (``record=False``: checked only). Everything else
+    stage from the one in progress on), checked against ``state`` and recorded in its
+    state file with a ``history`` entry (``record=False``: checked only). Everything else
     a run records is fixed (``refuse_fixed``). An EMA whose decay followed the run's
     length keeps the decay it had."""
-    config, before, _ = read_run_info(run_dir, {})
+    config, before, _ = recorded_run(run_dir, state)
     after = (new_recipe or (lambda r: extended(r, epochs, state["stage_index"])))(before)
     check_extension(state, before, after, run_dir)
     if not record:
         return after
     changes = {}
-    steps = steps_per_epoch(run_dir)
+    steps = steps_per_epoch(state)
     if config.ema and config.ema_decay is None and steps:
         total = sum(steps // s.grad_accum * s.epochs for s in before.stages)
         changes["ema_decay"] = ema_decay_for(config, total)
-    record_extension(Path(run_dir) / RunDir.RUN, after, epochs=epochs, config_changes=changes)
+    state["run"] = with_extension(state["run"], after, epochs=epochs, config_changes=changes)
+    save_state(run_dir, state, "; nothing was changed, run the same command again")
     return after
 
 
-def steps_per_epoch(run_dir: Path) -> int | None:
-    """The steps of an epoch, as run.json recorded them at the start."""
-    return (read_run_json(run_dir).get("data") or {}).get("steps_per_epoch")
+def steps_per_epoch(state: dict) -> int | None:
+    """The steps of an epoch, as the run recorded them at the start."""
+    return (state["run"].get("data") or {}).get("steps_per_epoch")
