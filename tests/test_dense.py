@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from gct_surgery.errors import UserError
+from gct_surgery.train.data import BadImageError, check_strict
 from gct_surgery.train.dense import (IGNORE, MaskFolder, SaliencyTask, SegmentationTask,
                                      precision_recall)
 
@@ -168,12 +169,41 @@ def test_bad_mask_folders_are_named(tmp_path, break_it, message):
         MaskFolder(tmp_path / "train", CONFIG, labels=False, augment=False)
 
 
+def test_unreadable_images_and_masks_are_skipped_and_reported(tmp_path):
+    for stem in "abcd":
+        write_pair(tmp_path, "train", stem)
+    (tmp_path / "train/images/b.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "train/masks/c.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    data = MaskFolder(tmp_path / "train", CONFIG, labels=False, augment=False)
+    assert [i.stem for i, _ in data.pairs] == ["a", "d"] and len(data) == 2
+    assert sorted(Path(p).name for p in data.report.bad) == ["b.jpg", "c.png"]
+    with pytest.raises(BadImageError, match=r"b\.jpg: .*--strict"):
+        check_strict(data.report)
+    for stem in "ad":
+        (tmp_path / f"train/images/{stem}.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"no image and mask of .*train can be read \(4 tried\)"):
+        MaskFolder(tmp_path / "train", CONFIG, labels=False, augment=False)
+
+
+def test_binary_masks_saved_as_0_and_255_are_refused_for_segmentation(tmp_path):
+    """255 is "ignore" in a segmentation mask: a 0/255 mask would train on background only."""
+    write_pair(tmp_path, "train", "a")  # 0 and 255: a saliency mask
+    write_pair(tmp_path, "train", "b")
+    assert len(MaskFolder(tmp_path / "train", CONFIG, labels=False, augment=False)) == 2
+    with pytest.raises(UserError, match="hold only 0 and 255.*--task saliency"):
+        MaskFolder(tmp_path / "train", CONFIG, labels=True, augment=False)
+    border = np.zeros((10, 12), np.uint8)
+    border[2:6, 3:8], border[2, 3:8] = 1, IGNORE  # VOC: an object with an ignored border
+    write_pair(tmp_path, "train", "b", mask=border)
+    assert len(MaskFolder(tmp_path / "train", CONFIG, labels=True, augment=False)) == 2
+
+
 def test_a_class_index_too_large_names_its_mask(tmp_path):
     mask = np.zeros((10, 12), np.uint8)
     mask[1, 1] = 7
     write_pair(tmp_path, "train", "a")
     write_pair(tmp_path, "train", "b", mask=mask)
-    write_pair(tmp_path, "val", "a")
+    write_pair(tmp_path, "val", "a", mask=(mask > 0).astype(np.uint8))
     task = SegmentationTask()
     train, _ = task.datasets(tmp_path, CONFIG, augment=False)
     _, y = train[1]
@@ -243,7 +273,9 @@ def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path, capsys):
         proc = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
-    assert (tmp_path / "segnet.onnx").stat().st_size > 0
+    onnx = pytest.importorskip("onnx")  # torchvision's dict output: named by its keys
+    graph = onnx.load(str(tmp_path / "segnet.onnx")).graph
+    assert [o.name for o in graph.output] == ["out", "aux"]
 
     # saliency: MAE and max F, per-image MAE for --baseline, the recorded task for eval
     run_dir = tmp_path / "runs" / "saliency"
@@ -279,3 +311,31 @@ def test_readme_saliency_and_segmentation_run_as_written(cli, tmp_path, capsys):
                                 "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "0.png: class index 9" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("factory, names", [
+    ("segnet.py:build_sides", ["output0", "output1"]),  # the fused map, then a side output
+    pytest.param("u2net.py:build_u2net_small", [f"output{i}" for i in range(4)],
+                 marks=pytest.mark.slow),  # ~25 s
+])
+def test_an_onnx_export_names_every_output_in_order(tmp_path, factory, names):
+    """A model with side outputs exports all of them, named and in the model's order, and
+    the export says which is which."""
+    ort = pytest.importorskip("onnxruntime")
+    from gct_surgery import load
+    from gct_surgery.core.model import flat_outputs
+    from gct_surgery.io.export import export
+    import gct_surgery.cli
+
+    gated = tmp_path / "m.safetensors"
+    assert gct_surgery.cli.run(["inject", str(FIXTURES / factory), "--input-size", "3,32,32",
+                                "-o", str(gated)]) == 0
+    result = export(gated, tmp_path / "m.onnx")
+    assert result.output_names == names and result.to_dict()["output_names"] == names
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == names
+    x = torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        want = flat_outputs(load(gated).eval()(x))
+    got = session.run(None, {"input": x.numpy()})
+    assert all(np.abs(g - w.numpy()).max() < 1e-4 for g, w in zip(got, want))

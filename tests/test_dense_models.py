@@ -102,3 +102,70 @@ def test_a_segmentation_weights_file_gives_its_classes_and_aux_head(tmp_path):
     got, want = load(out)(x), trained(x)
     assert set(got) == {"out", "aux"} and got["out"].shape[1] == 5
     assert torch.equal(got["out"], want["out"]) and torch.equal(got["aux"], want["aux"])
+
+
+def test_a_detector_trained_with_frozen_batchnorm_loads_strictly_and_stays_frozen(tmp_path):
+    """torchvision gives a detector that starts from pretrained weights FrozenBatchNorm2d
+    in its backbone; built offline it gets BatchNorm2d. A user's file of such a model
+    (no ``num_batches_tracked``) loads with its norms frozen again, through inject, the
+    gated checkpoint and its reload, and training never moves their statistics."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from gct_surgery.io.checkpoint import load_checkpoint
+    from gct_surgery.operations import open_model
+
+    def frozen(model):
+        return [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    torch.manual_seed(0)
+    trained = build_model(ModelSource(f"torchvision:{name}", SMALL)).eval()
+    norms = [n for n, m in trained.backbone.named_modules() if type(m) is torch.nn.BatchNorm2d]
+    for n in norms:  # what torchvision builds when the backbone starts pretrained
+        parent, _, child = f"backbone.{n}".rpartition(".")
+        bn = trained.get_submodule(f"backbone.{n}")
+        fbn = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+        fbn.running_mean.uniform_(-0.1, 0.1)
+        setattr(trained.get_submodule(parent), child, fbn)
+    path = tmp_path / "detector.pth"
+    torch.save(trained.state_dict(), path)
+    assert not any(k.endswith("num_batches_tracked") and k.startswith("backbone.")
+                   for k in trained.state_dict())
+
+    model, meta = open_model(str(path), arch=f"torchvision:{name}")
+    assert frozen(model) == frozen(trained) and len(norms) > 40
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    want = run_model(trained, x)
+    assert all(torch.equal(a, b) for a, b in zip(run_model(model.eval(), x), want))
+    result = inject_model(model, meta, input_size=[3, 64, 64])
+    save(model, tmp_path / "gated.safetensors", result.meta)
+    again = load_checkpoint(tmp_path / "gated.safetensors").model
+    assert frozen(again) == frozen(trained)
+    stats = again.backbone.body.get_submodule("0.1").running_mean.clone()
+    again.train()(torch.rand(2, 3, 64, 64), [{"boxes": torch.tensor([[4.0, 4, 30, 30]]),
+                                              "labels": torch.tensor([1])}] * 2)
+    assert torch.equal(again.backbone.body.get_submodule("0.1").running_mean, stats)
+
+
+def test_deeplabv3_with_one_image_per_batch_is_one_line(tmp_path, capsys):
+    """DeepLabV3's ASPP pools to 1x1 before a BatchNorm: torch refuses to train that on
+    one image (with BN statistics updating: ``freeze_bn = false``). The run says so, and
+    which --batch-size works, in one line."""
+    import gct_surgery.cli
+    from test_dense import write_segmentation_folder
+
+    data = write_segmentation_folder(tmp_path / "data", n=2, size=32)
+    gated = tmp_path / "deeplab.safetensors"
+    assert gct_surgery.cli.run(["inject", "torchvision:deeplabv3_mobilenet_v3_large",
+                                "--num-classes", "3", "--input-size", "3,32,32",
+                                "-o", str(gated)]) == 0
+    capsys.readouterr()
+    recipe = tmp_path / "bn.toml"
+    recipe.write_text('[[stage]]\nname = "full"\nkind = "full"\nepochs = 1\nlr = 1e-3\n'
+                      'freeze_bn = false\n')
+    code = gct_surgery.cli.run(["finetune", str(gated), "--data", str(data), "--task",
+                                "segmentation", "--recipe", str(recipe),
+                                "--batch-size", "1", "--workers", "0", "-o", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "cannot train on a batch of 1 image(s)" in err and "--batch-size 2 or more" in err

@@ -62,6 +62,8 @@ def export(
         pairs.append(("output change without gates", result.unload_change))
     if result.base is not None:
         pairs += [("base", result.base), ("base hash", result.base_hash)]
+    if result.output_names:
+        pairs.append(("graph outputs", ", ".join(result.output_names)))
     pairs += [("verified at inputs", ", ".join("x".join(map(str, s)) for s in result.input_shapes)),
               ("max |Δ| vs source", result.max_abs_diff)]
     print_kv("export", pairs)

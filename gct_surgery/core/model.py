@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten_with_path, tree_leaves
 
 from ..errors import UserError
 
@@ -43,6 +43,19 @@ def run_with_hooks(model: nn.Module, x: Any, handles: list) -> Any:
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """Every tensor in a model's output (a tensor, or tuples, lists and dicts of them)."""
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def output_names(out: Any) -> list[str]:
+    """A name for each tensor of a model's output, in ``flat_outputs`` order: ``output``
+    for one tensor; a dict's keys (torchvision's ``out``, ``aux``); else ``output0``,
+    ``output1``... (U^2-Net's fused map first, then its side outputs)."""
+    leaves = [(path, v) for path, v in tree_flatten_with_path(out)[0]
+              if isinstance(v, torch.Tensor)]
+    if len(leaves) == 1:
+        return ["output"]
+    names = ["_".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path)
+             for path, _ in leaves]
+    return [n if n[:1].isalpha() else f"output{n}" for n in names]
 
 
 def run_model(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.fold import fold_gates
 from ..core.model import (example_input, flat_outputs, max_difference, model_num_classes,
-                          run_model)
+                          output_names, run_model, run_with_hooks)
 from ..core.surgery import gates, remove
 from ..errors import UserError, VerificationError, first_line
 from .adapter import apply_adapter, resolve_base, save_adapter
@@ -82,6 +82,7 @@ class ExportResult:
     size_bytes: int
     gates: int  # gates left in the exported model
     input_shapes: list[list[int]] = field(default_factory=list)  # the verified inputs
+    output_names: list[str] = field(default_factory=list)  # a graph's outputs, in order
     source_size_bytes: int | None = None
     unload_change: float | None = None  # output change caused by removing the gates
     fold: "FoldReport | None" = None
@@ -97,7 +98,8 @@ class ExportResult:
                 "max_abs_diff": self.max_abs_diff, "size_bytes": self.size_bytes,
                 "source_size_bytes": self.source_size_bytes, "gates": self.gates,
                 "verified_input_shapes": self.input_shapes, "warnings": self.warnings,
-                **{k: v for k, v in optional.items() if v is not None}}
+                **{k: v for k, v in optional.items() if v is not None},
+                **({"output_names": self.output_names} if self.output_names else {})}
 
 
 def resolve_format(output: str | os.PathLike, format: str | None = None) -> str:
@@ -186,7 +188,8 @@ def export(
         elif format == "timm":
             rebuilt = _write_timm_folder(model, meta, tmp, output)
         elif format == "onnx":
-            return _write_onnx(model, x, tmp, opset, spatial)
+            result.output_names = output_names(run_with_hooks(model, x, []))
+            return _write_onnx(model, x, tmp, opset, spatial, result.output_names)
         else:
             return _write_pt2(model, x, tmp, output, spatial)
         return lambda inp: run_model(rebuilt, inp)
@@ -344,8 +347,9 @@ def second_input(x: torch.Tensor, spatial: bool) -> torch.Tensor:
 
 
 def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None,
-                spatial: bool) -> Runner:
-    """``torch.onnx.export`` (dynamo, else the TorchScript exporter), run by onnxruntime."""
+                spatial: bool, outputs: list[str]) -> Runner:
+    """``torch.onnx.export`` (dynamo, else the TorchScript exporter), run by onnxruntime;
+    the graph's input is ``input``, its outputs ``outputs`` (``core.model.output_names``)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -359,7 +363,8 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None
         try:
             with warnings.catch_warnings(action="ignore"):
                 torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["input"],
-                                  **kwargs, **({"opset_version": opset} if opset else {}))
+                                  output_names=outputs, **kwargs,
+                                  **({"opset_version": opset} if opset else {}))
             break
         except Exception as e:  # the exporter raises many types; fall back once, then report
             if storage_error(path, e) is not None:  # a full disk: atomic_path names it

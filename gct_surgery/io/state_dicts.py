@@ -248,6 +248,7 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
     """Load ``state_dict`` into ``model``, naming the first mismatches when it does not
     fit. Missing gate keys are expected by default (an original checkpoint loaded into a
     gated model): the gates keep their identity initialisation."""
+    freeze_norms_saved_frozen(model, state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict
                and not (allow_missing_gates and is_gate_parameter(k))]
@@ -260,6 +261,26 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
         model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # e.g. a dtype torch cannot copy into the parameter
         raise CheckpointError(f"{what} does not fit the model: {first_line(e)[:200]}") from None
+
+
+def freeze_norms_saved_frozen(model: nn.Module, state_dict: dict) -> int:
+    """Each ``BatchNorm2d`` whose weights were saved without ``num_batches_tracked`` was
+    trained frozen (torchvision's detectors put ``FrozenBatchNorm2d`` in a backbone that
+    starts from pretrained weights; built offline they get ``BatchNorm2d``): it becomes a
+    ``FrozenBatchNorm2d`` again, so the file loads strictly and its statistics never
+    move in training. Returns how many were swapped."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    swapped = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, norm in list(parent.named_children()):
+            key = f"{parent_name}.{name}." if parent_name else f"{name}."
+            if (type(norm) is nn.BatchNorm2d and norm.affine and f"{key}running_mean" in state_dict
+                    and f"{key}num_batches_tracked" not in state_dict):
+                frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
+                setattr(parent, name, frozen.to(norm.weight.device, norm.weight.dtype))
+                swapped += 1
+    return swapped
 
 
 def _mismatch(model: nn.Module, state_dict: dict, missing: list, unexpected: list, shapes: list,

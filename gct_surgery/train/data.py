@@ -190,16 +190,21 @@ def unreadable(path: str) -> str | None:
                          else f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
+def unreadable_files(paths: list[str]) -> dict[str, str]:
+    """Each file decoded once, on threads (PIL frees the GIL): why each unreadable one is."""
+    with ThreadPoolExecutor() as pool:
+        return {p: why for p, why in zip(paths, pool.map(unreadable, paths, chunksize=64)) if why}
+
+
 def check_images(samples: list[tuple[str, int]], report: DataReport, classes: list[str]
                  ) -> None:
     """Decode every sample once: the unreadable ones go into ``report.bad``, a class
     with more than ``BAD_SHARE`` of its files unreadable into ``report.bad_share``."""
-    with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4)) as pool:  # PIL frees the GIL
-        reasons = pool.map(unreadable, [path for path, _ in samples], chunksize=64)
-        bad = Counter()
-        for (path, label), reason in zip(samples, reasons):
-            if reason is not None:
-                report.bad[path], bad[label] = reason, bad[label] + 1
+    reasons = unreadable_files([path for path, _ in samples])
+    bad = Counter()
+    for path, label in samples:
+        if path in reasons:
+            report.bad[path], bad[label] = reasons[path], bad[label] + 1
     files = Counter(label for _, label in samples)
     for label, n in sorted(bad.items()):
         if n > BAD_SHARE * files[label]:

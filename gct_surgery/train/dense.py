@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .data import DataReport, unreadable_files
 
 IGNORE = 255  # a segmentation mask's "no label" (VOC's object borders)
 BETA2 = 0.3  # the F-measure's beta^2 in salient object detection
@@ -46,6 +47,34 @@ def mask_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
     return [(image_of[s], mask_of[s]) for s in sorted(image_of)]
 
 
+def readable_pairs(split_dir: Path) -> tuple[list[tuple[Path, Path]], DataReport]:
+    """``mask_pairs`` without the pairs whose image or mask cannot be decoded: each such
+    file is in the report (skipped and counted, as bad images are; ``--strict`` stops)."""
+    pairs = mask_pairs(split_dir)
+    report = DataReport(bad=unreadable_files([str(f) for pair in pairs for f in pair]))
+    good = [(i, m) for i, m in pairs if str(i) not in report.bad and str(m) not in report.bad]
+    if not good:
+        path, why = next(iter(report.bad.items()))
+        raise UserError(f"no image and mask of {split_dir} can be read ({len(pairs)} tried), "
+                        f"e.g. {path}: {why}")
+    return good, report
+
+
+def _refuse_binary_masks(split_dir: Path, masks: list[Path]) -> None:
+    """Segmentation masks holding only 0 and 255 are binary masks saved as grey levels:
+    255 means "ignore", so no pixel would be foreground."""
+    values: set[int] = set()
+    for mask in masks:
+        with Image.open(mask) as m:
+            values.update(int(v) for v in np.unique(np.asarray(m)))
+        if values - {0, IGNORE}:
+            return
+    if IGNORE in values:
+        raise UserError(f"the masks of {split_dir} hold only 0 and 255, and for --task "
+                        "segmentation 255 means 'ignore' (no pixel would be foreground): "
+                        "save the object as class 1, or use --task saliency for 0-255 masks")
+
+
 def _by_stem(paths) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for p in sorted(paths):
@@ -62,8 +91,10 @@ class MaskFolder(Dataset):
     def __init__(self, split_dir: Path, data_config: dict, *, labels: bool, augment: bool) -> None:
         from torchvision.transforms import v2
 
-        self.pairs = mask_pairs(split_dir)
+        self.pairs, self.report = readable_pairs(split_dir)
         self.labels, self.augment = labels, augment
+        if labels:
+            _refuse_binary_masks(split_dir, [mask for _, mask in self.pairs])
         channels, height, width = data_config["input_size"]
         self.image_mode = "L" if channels == 1 else "RGB"
         sizes = []

@@ -81,7 +81,7 @@ def _train_step(run: Run, stage: Stage, train_model: nn.Module, x: torch.Tensor,
         last = i == parts - 1
         quiet = not last and hasattr(train_model, "no_sync")
         with train_model.no_sync() if quiet else contextlib.nullcontext():
-            with autocast(run.device, run.config.amp):
+            with autocast(run.device, run.config.amp), _one_value_per_channel(run, stage, xi):
                 loss = loss_fn(train_model(xi), yi) / parts
             total += loss.detach().float()
             if not last:
@@ -90,6 +90,21 @@ def _train_step(run: Run, stage: Stage, train_model: nn.Module, x: torch.Tensor,
     skip = distributed.broadcast_flag(not math.isfinite(loss_value))
     _backward(loss, optimizer, scaler, stage.clip_grad, step=not skip)
     return loss_value, skip
+
+
+@contextlib.contextmanager
+def _one_value_per_channel(run: Run, stage: Stage, x: torch.Tensor):
+    """torch's BatchNorm refuses to train on one value per channel: a batch of one image
+    after a global pooling (DeepLabV3's ASPP pooling branch). One line, with the fix."""
+    try:
+        yield
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        least = 2 * run.dist.world_size  # each micro-batch is batch-size / processes
+        raise UserError(f"a BatchNorm layer cannot train on a batch of {len(x)} image(s) per "
+                        f"process after a global pooling ({str(e).split(', got')[0]}); give "
+                        f"--batch-size {least} or more") from None
 
 
 def _backward(loss: torch.Tensor, optimizer, scaler, clip: float | None = None,

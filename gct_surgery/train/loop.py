@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..io import atomic
 from ..io.checkpoint import rebuild
 from ..io.metadata import CheckpointMeta
-from ..io.state_dicts import refuse_nonfinite
+from ..io.state_dicts import freeze_norms_saved_frozen, load_weights, refuse_nonfinite
 from ..io.trust import remember, require
 from . import distributed
 from .config import RunResult, TrainConfig, ema_decay_for, resume_overrides
@@ -86,7 +86,7 @@ def with_drop_path(model: nn.Module, meta: CheckpointMeta,
     source.setdefault("kwargs", {})["drop_path_rate"] = rate
     meta = replace(meta, source=source)
     rebuilt = rebuild(meta)
-    rebuilt.load_state_dict(model.state_dict())
+    load_weights(rebuilt, model.state_dict(), what="the model", allow_missing_gates=False)
     return rebuilt, meta.with_event("drop_path", rate=rate)
 
 
@@ -120,8 +120,10 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
         config, recipe, source = recorded_run(run_dir, state, **overrides)
         require(config.task, named_by=str(RunDir(run_dir).state), what="a task")
         fit_scheduler(state, recipe, steps_per_epoch(state))
-        return run_recipe(rebuild(meta, named_by=str(run_dir)), meta, recipe, config,
-                          on_event or log_event, state=state, source=source)
+        model = rebuild(meta, named_by=str(run_dir))
+        freeze_norms_saved_frozen(model, state["model"])  # as the run's model had them
+        return run_recipe(model, meta, recipe, config, on_event or log_event, state=state,
+                          source=source)
 
 
 def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: TrainConfig,

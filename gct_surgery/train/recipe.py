@@ -14,7 +14,6 @@ the command line accept the same.
 """
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
