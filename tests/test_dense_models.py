@@ -169,3 +169,40 @@ def test_deeplabv3_with_one_image_per_batch_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
     assert "cannot train on a batch of 1 image(s)" in err and "--batch-size 2 or more" in err
+
+
+def test_pretrained_backbone_from_a_local_file_never_fetches(tmp_path, capsys):
+    """``--pretrained --weights FILE``: FILE is the backbone's classification weights (what
+    ``weights_backbone`` would download), read safely; a detector's backbone then has
+    FrozenBatchNorm2d as torchvision gives it. ``--pretrained`` alone is one line."""
+    from safetensors.torch import save_file
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    import gct_surgery.cli
+    from gct_surgery.operations import open_model
+
+    torch.manual_seed(0)
+    classifier = build_model(ModelSource("torchvision:mobilenet_v3_large")).eval()
+    path = tmp_path / "mobilenet_v3_large.safetensors"
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, path)
+    for name, frozen_norms in (("lraspp_mobilenet_v3_large", 0),
+                               ("fasterrcnn_mobilenet_v3_large_320_fpn", 46)):
+        model, _ = open_model(f"torchvision:{name}", weights=str(path), pretrained=True)
+        body = getattr(model.backbone, "body", model.backbone)
+        conv = body.get_submodule("1.block.0.0")
+        assert torch.equal(conv.weight, classifier.features[1].block[0][0].weight)
+        assert sum(isinstance(m, FrozenBatchNorm2d) for m in body.modules()) == frozen_norms
+    code = gct_surgery.cli.run(["inject", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+                                "--pretrained", "-o", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "add --weights PATH" in err
+    code = gct_surgery.cli.run(["inject", "torchvision:lraspp_mobilenet_v3_large", "--pretrained",
+                                "--weights", str(path.with_name("other.safetensors")), "-o",
+                                str(tmp_path / "y.safetensors")])
+    assert code == 2
+    save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+    code = gct_surgery.cli.run(["inject", "torchvision:lraspp_mobilenet_v3_large", "--pretrained",
+                                "--weights", str(tmp_path / "other.safetensors"), "-o",
+                                str(tmp_path / "y.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "does not hold the backbone of torchvision:lraspp" in err, err

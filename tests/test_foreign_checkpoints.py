@@ -223,3 +223,23 @@ def test_hints_name_the_next_command(ckpt, tmp_path):
     line = proc.stderr.strip()
     assert f"first `gct-surgery inject {tmp_path / 'model.pt'} --arch timm:NAME`" in line
     assert f"then use the {tmp_path / 'model.gct.safetensors'} it writes" in line
+
+
+def test_a_torchvision_file_from_before_num_batches_tracked_loads_with_its_batchnorm(tmp_path):
+    """torchvision's early weight files (resnet50-19c8e357.pth...) have no
+    ``num_batches_tracked``: torch fills it, and the model keeps plain BatchNorm2d
+    (only a detector's norms saved that way were trained frozen)."""
+    import torchvision
+
+    from gct_surgery.operations import open_model
+
+    torch.manual_seed(0)
+    trained = torchvision.models.resnet18(num_classes=5).eval()
+    trained.bn1.running_mean.uniform_(-1, 1)
+    old = {k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "resnet18-old.pth")
+    model, meta = open_model(str(tmp_path / "resnet18-old.pth"), arch="torchvision:resnet18")
+    assert type(model.bn1) is torch.nn.BatchNorm2d and meta.source["kwargs"]["num_classes"] == 5
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained(x))

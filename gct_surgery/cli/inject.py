@@ -34,7 +34,7 @@ def inject(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the gated checkpoint (.safetensors); default: NAME.gct.safetensors beside a file SOURCE, or in the current folder. An existing file is replaced only when named here."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a state-dict SOURCE: timm:NAME, torchvision:NAME or file.py:factory."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file for a timm/torchvision/factory SOURCE."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Load timm's pretrained weights (from --weights when offline)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Pretrained weights: timm's own (from --weights when offline); for torchvision, --weights PATH (a detection or segmentation model: its backbone's)."),
     num_classes: Optional[int] = typer.Option(None, help="Classifier size to build the model with (default: a weights file's own)."),
     use_ema: bool = typer.Option(False, "--use-ema", help="Take the EMA weights of a checkpoint that holds them (timm train.py's state_dict_ema)."),
     in_chans: Optional[int] = typer.Option(None, help="Input channels (timm models)."),

@@ -29,7 +29,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError, SourceError, first_line
-from .state_dicts import load_file_weights, read_weights_file, require_file
+from .state_dicts import (freeze_norms, load_file_weights, load_weights, read_weights_file,
+                          require_file)
 from .trust import IDENTIFIER, code_folder, code_spec, import_object, on_import_path
 _MODEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"  # a registered name: no hub, no folder
 # Builder arguments that make timm or torchvision read files or the network:
@@ -206,8 +207,29 @@ def build_model(source: ModelSource, *, allow_pickle: bool = False) -> nn.Module
         raise SourceError(f"{source.spec!r} names no architecture; {ARCH_HINT}")
     if source.weights and not (kind == "timm" and source.pretrained):
         found = read_weights_file(source.weights, use_ema=source.use_ema, allow_pickle=allow_pickle)
-        load_file_weights(model, found.tensors, what=source.weights)
+        if kind == "torchvision" and source.pretrained and hasattr(model, "backbone"):
+            load_backbone(model, found.tensors, source)
+        else:
+            load_file_weights(model, found.tensors, what=source.weights)
     return model
+
+
+def load_backbone(model: nn.Module, tensors: dict, source: ModelSource) -> None:
+    """``--pretrained --weights FILE`` for a torchvision detection or segmentation
+    builder: FILE holds its backbone's classification weights (what ``weights_backbone``
+    would download), loaded into the backbone by name (the classifier's are unused). A
+    detector's backbone then gets ``FrozenBatchNorm2d``, as torchvision gives it."""
+    body = getattr(model.backbone, "body", model.backbone)
+    if type(model).__module__.startswith("torchvision.models.detection"):
+        freeze_norms(body)
+    wanted = [k for k in body.state_dict() if not k.endswith("num_batches_tracked")]
+    prefix = next((p for p in ("", "features.") if all(p + k in tensors for k in wanted)), None)
+    if prefix is None:
+        missing = next(k for k in wanted if k not in tensors and f"features.{k}" not in tensors)
+        raise SourceError(f"{source.weights} does not hold the backbone of {source.spec} (no "
+                          f"{missing!r}); --pretrained --weights takes the backbone's "
+                          "classification weights, --weights alone a whole model's")
+    load_weights(body, {k: tensors[prefix + k] for k in wanted}, what=str(source.weights))
 
 
 def did_you_mean(name: str, prefix: str = "") -> str:
@@ -277,6 +299,10 @@ def _build_torchvision(name: str, source: ModelSource) -> nn.Module:
     if name not in torchvision.models.list_models():
         raise SourceError(f"unknown torchvision model {name!r}{did_you_mean(name)}")
     builder = torchvision.models.get_model_builder(name)
+    if source.pretrained and not source.weights:
+        raise SourceError(f"--pretrained for torchvision:{name} takes its weights from a local "
+                          "file (torchvision's downloads are never made): add --weights PATH, "
+                          "for a detection or segmentation model its backbone's")
     # never fetch a backbone: a detection or segmentation builder's default does
     offline = {"weights_backbone": None} if "weights_backbone" in signature(builder).parameters \
         else {}

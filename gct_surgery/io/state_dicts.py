@@ -250,7 +250,8 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
     gated model): the gates keep their identity initialisation."""
     freeze_norms_saved_frozen(model, state_dict)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict
+    missing = [k for k in expected if k not in state_dict  # torch fills a missing count of
+               and not k.endswith("num_batches_tracked")  # BN batches (files before torch 0.4.1)
                and not (allow_missing_gates and is_gate_parameter(k))]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in expected.items()
@@ -264,20 +265,30 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
 
 
 def freeze_norms_saved_frozen(model: nn.Module, state_dict: dict) -> int:
-    """Each ``BatchNorm2d`` whose weights were saved without ``num_batches_tracked`` was
-    trained frozen (torchvision's detectors put ``FrozenBatchNorm2d`` in a backbone that
-    starts from pretrained weights; built offline they get ``BatchNorm2d``): it becomes a
-    ``FrozenBatchNorm2d`` again, so the file loads strictly and its statistics never
-    move in training. Returns how many were swapped."""
+    """A torchvision detector's ``BatchNorm2d`` saved without ``num_batches_tracked`` was
+    trained frozen (torchvision gives a detector that starts from pretrained weights
+    ``FrozenBatchNorm2d``; built offline it gets ``BatchNorm2d``): it becomes frozen
+    again, so the file loads strictly and no stage moves it. Other models keep their
+    BatchNorm (torchvision's older classification files have no ``num_batches_tracked``)."""
+    if not type(model).__module__.startswith("torchvision.models.detection"):
+        return 0
+    return freeze_norms(model, lambda key: f"{key}running_mean" in state_dict
+                        and f"{key}num_batches_tracked" not in state_dict)
+
+
+def freeze_norms(model: nn.Module, chosen=lambda key: True) -> int:
+    """Each ``BatchNorm2d`` whose key prefix is ``chosen`` becomes torchvision's
+    ``FrozenBatchNorm2d`` (the same state dict without ``num_batches_tracked``, and no
+    parameters: it never trains). Returns how many."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     swapped = 0
     for parent_name, parent in list(model.named_modules()):
         for name, norm in list(parent.named_children()):
             key = f"{parent_name}.{name}." if parent_name else f"{name}."
-            if (type(norm) is nn.BatchNorm2d and norm.affine and f"{key}running_mean" in state_dict
-                    and f"{key}num_batches_tracked" not in state_dict):
+            if type(norm) is nn.BatchNorm2d and norm.affine and chosen(key):
                 frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
+                frozen.load_state_dict(norm.state_dict())
                 setattr(parent, name, frozen.to(norm.weight.device, norm.weight.dtype))
                 swapped += 1
     return swapped
