@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from gct_surgery.errors import UserError
 from gct_surgery.train.data import BadImageError, check_strict
 from gct_surgery.train.dense import (IGNORE, MaskFolder, SaliencyTask, SegmentationTask,
-                                     precision_recall)
+                                     precision_recall, s_measure)
 
 CONFIG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 
@@ -46,6 +46,31 @@ def test_max_f_is_taken_from_mean_precision_and_recall_not_mean_f():
     assert abs(metrics["max_f"] - mean_of_f) > 0.01
     assert metrics["mae"] == pytest.approx((0 + 0.5) / 2)
     assert task.per_image(probs, y).tolist() == pytest.approx([0.0, 0.5])
+
+
+def test_s_measure_by_hand():
+    """The structure measure as the authors' MATLAB code gives it, computed by hand."""
+    half = torch.zeros(4, 4)
+    half[:, :2] = 1  # the object: the left half
+    assert s_measure(half, half) == pytest.approx(1.0)
+    # A flat 0.5 map: each object score 2(0.5)/(0.25 + 1) = 0.8; the centroid (1-based
+    # column 1.5 -> 2, row 2.5 -> 3, rounded half up) splits the object from the
+    # background, so every block is flat in both maps and scores 1.
+    assert s_measure(torch.full((4, 4), 0.5), half) == pytest.approx(0.5 * 0.8 + 0.5 * 1.0)
+    corner = torch.zeros(4, 4)
+    corner[:2, :2] = 1
+    prob = corner.clone()
+    prob[3, 3] = 0.5  # one background pixel half wrong
+    background = torch.tensor([1.0] * 11 + [0.5])  # 1 - prob on the background
+    mean, spread = background.mean().item(), background.std().item()  # MATLAB's std: n - 1
+    objects = 0.25 * 1.0 + 0.75 * (2 * mean / (mean ** 2 + 1 + spread))
+    regions = 3 * 0.25 * 1.0 + 0.25 * 0.0  # the block holding 0.5 has no structure in common
+    assert s_measure(prob, corner) == pytest.approx(0.5 * objects + 0.5 * regions)
+    assert s_measure(torch.full((3, 5), 0.2), torch.zeros(3, 5)) == pytest.approx(0.8)
+    probs, y = two_images()
+    task = SaliencyTask("probabilities")
+    each = [s_measure(p[0], m) for p, m in zip(probs, y["mask"])]
+    assert task.finish(task.metric_sums(probs, y), 2)["s_measure"] == pytest.approx(sum(each) / 2)
 
 
 def test_precision_recall_by_hand():

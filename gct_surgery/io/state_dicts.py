@@ -317,10 +317,11 @@ def _mismatch(model: nn.Module, state_dict: dict, missing: list, unexpected: lis
         firsts = [f"{k}: file {list(got)}, model {list(want)}" for k, got, want in shapes[:3]]
         more = "; ..." if len(shapes) > 3 else ""
         parts.append(f"{len(shapes)} shape mismatches ({'; '.join(firsts)}{more})")
-    fitting = len(expected) - len(missing) - len(shapes)
-    if fitting < 0.8 * len(expected) and (missing or unexpected):
+    counted = [k for k in expected if not k.endswith("num_batches_tracked")]  # never missing
+    fitting = len(counted) - len(missing) - len(shapes)
+    if fitting < 0.8 * len(counted) and (missing or unexpected):
         return (f"{what} looks like weights for another architecture: only {fitting} of the "
-                f"model's {len(expected)} tensors match by name and shape ({'; '.join(parts)}). "
+                f"model's {len(counted)} tensors match by name and shape ({'; '.join(parts)}). "
                 "Pass the --arch it was trained with (timm and torchvision name the same "
                 "model's keys differently for most families)")
     return (f"{what} does not fit the model: {'; '.join(parts)}. "

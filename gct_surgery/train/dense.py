@@ -23,6 +23,7 @@ from .data import DataReport, unreadable_files
 IGNORE = 255  # a segmentation mask's "no label" (VOC's object borders)
 BETA2 = 0.3  # the F-measure's beta^2 in salient object detection
 THRESHOLDS = 256  # a saliency map binarised at 0..255
+EPS = 2.220446049250313e-16  # MATLAB's eps, as the S-measure's reference code adds it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -176,7 +177,7 @@ class SaliencyTask(_DenseTask):
     as in U^2-Net); MAE and max F-measure on the fused one. ``outputs`` says whether the
     model ends in a sigmoid ("probabilities") or not ("logits"): it is never guessed."""
 
-    metric_names = ("mae", "max_f")
+    metric_names = ("mae", "max_f", "s_measure")
     primary_metric = "mae"
     higher_is_better = False
 
@@ -224,19 +225,21 @@ class SaliencyTask(_DenseTask):
                             for p, m in _crops(self.maps(output)[0], target)])
 
     def metric_sums(self, output: Any, target: dict) -> dict:
-        mae, curves = 0.0, torch.zeros(2, THRESHOLDS, dtype=torch.float64)
+        mae, s, curves = 0.0, 0.0, torch.zeros(2, THRESHOLDS, dtype=torch.float64)
         for p, m in _crops(self.maps(output)[0], target):  # one pass over the fused map
+            s += s_measure(p[0], m)
             p, m = p[0][m >= 0], m[m >= 0]
             mae += (p - m).abs().mean().item()
             curves += torch.stack(precision_recall(p, m))
-        return {"mae": mae, "max_f": curves}
+        return {"mae": mae, "max_f": curves, "s_measure": s}
 
     def finish(self, totals: dict, samples: int) -> dict:
         """Dataset-level metrics from the summed totals: the mean precision and recall
         curves over images give one F-measure per threshold; max F is their maximum."""
         precision, recall = (totals["max_f"] / max(samples, 1)).unbind(0)
         f = (1 + BETA2) * precision * recall / (BETA2 * precision + recall).clamp_min(1e-12)
-        return {"mae": float(totals["mae"]) / max(samples, 1), "max_f": f.max().item()}
+        return {"mae": float(totals["mae"]) / max(samples, 1), "max_f": f.max().item(),
+                "s_measure": float(totals["s_measure"]) / max(samples, 1)}
 
 
 def precision_recall(prob: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +254,50 @@ def precision_recall(prob: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     precision = torch.where(said > 0, hits / said.clamp_min(1), torch.zeros_like(hits))
     recall = hits / truth.sum() if truth.any() else torch.zeros_like(hits)
     return precision.cpu(), recall.cpu()
+
+
+def s_measure(prob: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> float:
+    """One map's structure measure (Fan et al., ICCV 2017), as the authors' MATLAB code
+    computes it: object-aware similarity (foreground and background score by mean and
+    spread) and region-aware similarity (SSIM of the four blocks around the ground
+    truth's centroid), averaged; the ground truth is mask > 0.5."""
+    prob, truth = prob.double(), (mask > 0.5).double()
+    share = truth.mean().item()
+    if share in (0.0, 1.0):  # no object, or no background: how close the map is to it
+        return prob.mean().item() if share else 1.0 - prob.mean().item()
+    objects = (share * _object_score(prob[truth == 1])
+               + (1 - share) * _object_score(1 - prob[truth == 0]))
+    return max(0.0, alpha * objects + (1 - alpha) * _region_score(prob, truth))
+
+
+def _object_score(values: torch.Tensor) -> float:
+    spread = values.std().item() if values.numel() > 1 else 0.0
+    mean = values.mean().item()
+    return 2 * mean / (mean ** 2 + 1 + spread + EPS)
+
+
+def _region_score(prob: torch.Tensor, truth: torch.Tensor) -> float:
+    """SSIM of the four blocks split at the centroid (1-based, rounded half up), each
+    weighted by its share of the image."""
+    rows, cols = (torch.arange(1, n + 1, dtype=torch.float64) for n in truth.shape)
+    total = truth.sum()
+    y = int(((truth.sum(1) * rows).sum() / total + 0.5).floor())
+    x = int(((truth.sum(0) * cols).sum() / total + 0.5).floor())
+    score = 0.0
+    for block in ((slice(0, y), slice(0, x)), (slice(0, y), slice(x, None)),
+                  (slice(y, None), slice(0, x)), (slice(y, None), slice(x, None))):
+        p, t = prob[block], truth[block]
+        if p.numel():
+            score += p.numel() / prob.numel() * _ssim(p, t)
+    return score
+
+
+def _ssim(p: torch.Tensor, t: torch.Tensor) -> float:
+    n, mp, mt = p.numel(), p.mean(), t.mean()
+    var_p, var_t = ((p - mp) ** 2).sum() / (n - 1 + EPS), ((t - mt) ** 2).sum() / (n - 1 + EPS)
+    cov = ((p - mp) * (t - mt)).sum() / (n - 1 + EPS)
+    a, b = (4 * mp * mt * cov).item(), ((mp ** 2 + mt ** 2) * (var_p + var_t)).item()
+    return a / (b + EPS) if a != 0 else float(b == 0)
 
 
 class SegmentationTask(_DenseTask):
