@@ -30,6 +30,27 @@ def cli() -> str:
     return cli_path()
 
 
+def cli_here(*args, cwd=None):
+    """A command through the CLI's entry point in this process, as a CompletedProcess
+    (code, stdout, stderr): what a subprocess would give, without an interpreter start-up
+    (~4 s of importing torch and timm). Tests about the installed command, signals,
+    umask or start-up settings run it as a subprocess instead."""
+    import contextlib
+    import io
+    import subprocess
+
+    from gct_surgery.cli import run
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or before)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run([str(a) for a in args])
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """One torch thread per test process: on a shared 2-core machine, two threads

@@ -1,7 +1,9 @@
 """CLI conventions every command follows: --version, -h, readable help (no ``<bool>``,
 choices shown), JSON errors under --json, resume that extends or refuses, --force,
 progress lines above the live bar, table cells that never wrap, the Python floor and
-YAML numbers. The CLI runs as a real subprocess on real files."""
+YAML numbers. The CLI runs as a real subprocess on real files, except the runs that
+train (resume, --force): those call the same entry point in this process (``here``),
+which saves an interpreter start-up per command (``conftest.cli_here``)."""
 from __future__ import annotations
 
 import csv
@@ -20,6 +22,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
+from conftest import cli_here as here
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 COMMANDS = ("inject", "finetune", "eval", "export", "inspect", "demo")
@@ -111,41 +115,44 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_resume_with_epochs_extends_a_finished_run_and_refuses_fixed_options(cli, ckpt, data, tmp_path):
+def test_resume_with_epochs_extends_a_finished_run_and_refuses_fixed_options(ckpt, data, tmp_path):
     run = tmp_path / "run"
-    first = gct(cli, "finetune", ckpt, "--data", data, "-o", run, "--epochs", "1", *SMALL)
+    first = here("finetune", ckpt, "--data", data, "-o", run, "--epochs", "1", *SMALL)
     assert first.returncode == 0, first.stderr
     assert [r["stage"] for r in _rows(run)] == ["start", "gates", "full"]
 
-    refused = gct(cli, "finetune", "--resume", run, "--lr", "0.1")
+    refused = here("finetune", "--resume", run, "--lr", "0.1")
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "--lr cannot change when resuming: the run in" in refused.stderr
 
-    too_few = gct(cli, "finetune", "--resume", run, "--epochs", "0")
+    too_few = here("finetune", "--resume", run, "--epochs", "0")
     assert too_few.returncode == 2
 
-    more = gct(cli, "finetune", "--resume", run, "--epochs", "3", "--json")
+    more = here("finetune", "--resume", run, "--epochs", "3", "--json")
     assert more.returncode == 0, more.stderr
     rows = _rows(run)
     assert [r["stage"] for r in rows] == ["start", "gates", "full", "full", "full"]
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]
     assert json.loads(more.stdout)["epochs"] == 4
-    info = json.loads((run / "run.json").read_text())
+    from gct_surgery.train.state import read_state
+
+    assert read_state(run)["run"]["history"][-1]["stages"] == {"gates": 1, "full": 3}
+    info = json.loads((run / "run.json").read_text())  # the copy for people follows
     assert info["history"][-1]["event"] == "extended"
     assert info["history"][-1]["stages"] == {"gates": 1, "full": 3}
     assert [s["epochs"] for s in info["recipe"]["stages"]] == [1, 3]
     assert float(rows[-1]["lr"]) > 0  # the cosine was stretched, not run past its end
 
 
-def test_force_replaces_a_run_folder_and_nothing_else(cli, ckpt, data, tmp_path):
+def test_force_replaces_a_run_folder_and_nothing_else(ckpt, data, tmp_path):
     run = tmp_path / "run"
     args = ["finetune", ckpt, "--data", data, "-o", run, "--stage", "gates", "--epochs", "1", *SMALL]
-    assert gct(cli, *args).returncode == 0
+    assert here(*args).returncode == 0
     (run / "stray.txt").write_text("from the first run")
-    again = gct(cli, *args)
+    again = here(*args)
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    forced = gct(cli, *args, "--force")
+    forced = here(*args, "--force")
     assert forced.returncode == 0, forced.stderr
     assert not (run / "stray.txt").exists()
     assert len(_rows(run)) == 2  # one fresh run: row 0 and its epoch
@@ -153,7 +160,7 @@ def test_force_replaces_a_run_folder_and_nothing_else(cli, ckpt, data, tmp_path)
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"not yours to delete")
-    refused = gct(cli, "finetune", ckpt, "--data", data, "-o", other, "--force", *SMALL)
+    refused = here("finetune", ckpt, "--data", data, "-o", other, "--force", *SMALL)
     assert refused.returncode == 2 and "not a run folder" in refused.stderr
     assert (other / "cat.jpg").read_bytes() == b"not yours to delete"
 

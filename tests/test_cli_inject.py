@@ -68,7 +68,10 @@ def test_no_match_exits_2_with_one_line_naming_the_pattern(cli, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_user_errors_are_one_line_exit_2(cli, tmp_path):
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    """Through the CLI's entry point in this process (the tests above run the command)."""
+    from gct_surgery.cli import run
+
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     cases = [
         (["inject", tmp_path / "missing.pt", "-o", tmp_path / "o.safetensors"], "no such file"),
@@ -77,10 +80,10 @@ def test_user_errors_are_one_line_exit_2(cli, tmp_path):
         (["inject", tmp_path / "junk.pt", "--arch", "timm:resnet18", "-o", tmp_path / "o.safetensors"], "junk.pt"),
     ]
     for args, needle in cases:
-        proc = _run(cli, *args)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert needle in proc.stderr and "Traceback" not in proc.stderr
+        code, err = run([str(a) for a in args]), capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert needle in err and "Traceback" not in err
 
 
 def test_help_does_not_import_torch_or_timm():

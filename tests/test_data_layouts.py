@@ -22,6 +22,7 @@ from gct_surgery.train.data import create_transform, resolve_data_config
 from gct_surgery.train.state import read_state, recorded_run
 from gct_surgery.train.task import ClassificationTask
 
+from conftest import cli_here
 from fixtures.runs import make_checkpoint, write_folder
 
 RUN = ["--stage", "full", "--epochs", "1", "--batch-size", "6", "--workers", "0", "--img-size", "32"]
@@ -51,8 +52,7 @@ def _train_only(folders: Path, root: Path) -> Path:
 
 
 def _cli(cli: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    return cli_here(*args)  # the entry point in this process: no interpreter start-up
 
 
 # --- CSV splits -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from gct_surgery.io.checkpoint import read_metadata, save
 from gct_surgery.io.export import VerificationError, export
 from gct_surgery.operations import open_model, inject_model
 from gct_surgery.core.surgery import gates, is_gate_parameter
+from conftest import cli_here
 
 SIZE = [3, 48, 48]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -141,8 +142,10 @@ def test_cli_export_json_and_user_error(cli, trained, tmp_path):
 
 # --- the format follows the name; graph and folder forms that need no gct-surgery ------
 
-def run_cli(cli, *args, **kw):
-    return subprocess.run([cli, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+def run_cli(cli, *args):
+    """The command through its entry point in this process (the test above runs the
+    installed one): no interpreter start-up."""
+    return cli_here(*args)
 
 
 def run_without_gct_surgery(script: str, cwd) -> subprocess.CompletedProcess:

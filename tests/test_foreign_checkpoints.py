@@ -1,6 +1,8 @@
 """Files other tools write, injected as a user would: timm train.py's ``.pth.tar``,
 Lightning's ``.ckpt``, DDP / torch.compile prefixes, half precision, timm's
-``local-dir:``; and the hints that say the next command. The CLI runs as a subprocess."""
+``local-dir:``; and the hints that say the next command. The CLI runs through its entry
+point in this process (``here``); the Hub case, which reads its cache at start-up, as a
+subprocess."""
 from __future__ import annotations
 
 import argparse
@@ -14,13 +16,14 @@ import torch
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import gct_surgery
-from conftest import cli_path
+from conftest import cli_here as here, cli_path
 from gct_surgery.io.checkpoint import read_metadata
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def run(*args, cwd=None, env=None):
+    """The command as a subprocess (``env``: what it must read when it starts)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([cli_path(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)
@@ -59,7 +62,7 @@ def test_timm_train_checkpoint_injects_with_no_flags(timm_run, tmp_path):
     folder, model, ema = timm_run
     src = tmp_path / "model_best.pth.tar"
     shutil.copy(folder / "model_best.pth.tar", src)
-    proc = run("inject", src, "--input-size", "3,32,32", cwd=tmp_path)
+    proc = here("inject", src, "--input-size", "3,32,32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "model_best.gct.safetensors"
     assert str(out.name) in proc.stdout and out.is_file()
@@ -68,7 +71,7 @@ def test_timm_train_checkpoint_injects_with_no_flags(timm_run, tmp_path):
     assert meta.source == {"spec": "timm:resnet10t", "kwargs": {"num_classes": 7}}
     assert (outputs(gct_surgery.load(out)) - outputs(model)).abs().max() < 1e-5
 
-    again = run("inject", src, "--input-size", "3,32,32", cwd=tmp_path)
+    again = here("inject", src, "--input-size", "3,32,32", cwd=tmp_path)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"error: {out} already exists; pass -o OTHER.safetensors to write elsewhere (or -o {out} "
@@ -78,7 +81,7 @@ def test_timm_train_checkpoint_injects_with_no_flags(timm_run, tmp_path):
 def test_use_ema_takes_the_ema_weights(timm_run, tmp_path):
     folder, model, ema = timm_run
     out = tmp_path / "ema.safetensors"
-    proc = run("inject", folder / "model_best.pth.tar", "--use-ema", "-o", out, "--input-size", "3,32,32")
+    proc = here("inject", folder / "model_best.pth.tar", "--use-ema", "-o", out, "--input-size", "3,32,32")
     assert proc.returncode == 0, proc.stderr
     got = outputs(gct_surgery.load(out))
     assert (got - outputs(ema)).abs().max() < 1e-5
@@ -102,7 +105,7 @@ def test_an_arbitrary_object_in_a_pth_tar_is_still_refused(timm_run, tmp_path):
     doc = {"arch": "resnet10t", "state_dict": model.state_dict(), "version": 2,
            "args": argparse.Namespace(model="resnet10t"), "extra": Payload(marker)}
     torch.save(doc, tmp_path / "hostile.pth.tar")
-    proc = run("inject", tmp_path / "hostile.pth.tar", cwd=tmp_path)
+    proc = here("inject", tmp_path / "hostile.pth.tar", cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--allow-pickle" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists() and not (tmp_path / "hostile.gct.safetensors").exists()
@@ -115,7 +118,7 @@ def test_lightning_checkpoint_injects(tmp_path):
     torch.save({"epoch": 4, "global_step": 40, "pytorch-lightning_version": "2.4.0", "state_dict": state,
                 "hyper_parameters": {"lr": 0.01}, "optimizer_states": [],  # classes: from the head
                 "lr_schedulers": []}, tmp_path / "epoch=4.ckpt")
-    proc = run("inject", tmp_path / "epoch=4.ckpt", "--arch", "timm:test_resnet", "--input-size", "3,32,32")
+    proc = here("inject", tmp_path / "epoch=4.ckpt", "--arch", "timm:test_resnet", "--input-size", "3,32,32")
     assert proc.returncode == 0, proc.stderr
     assert "took the weights under 'model.'" in proc.stdout
     out = tmp_path / "epoch=4.gct.safetensors"
@@ -149,7 +152,7 @@ def test_a_state_dict_with_arch_alone_writes_beside_it(tmp_path):
     model = small()
     (tmp_path / "models").mkdir()
     torch.save(model.state_dict(), tmp_path / "models" / "model.pt")
-    proc = run("inject", "models/model.pt", "--arch", "timm:test_resnet", "--input-size", "3,32,32",
+    proc = here("inject", "models/model.pt", "--arch", "timm:test_resnet", "--input-size", "3,32,32",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "models/model.gct.safetensors" in proc.stdout  # the path it chose, printed
@@ -160,22 +163,22 @@ def test_a_state_dict_with_arch_alone_writes_beside_it(tmp_path):
 
 def test_architecture_names_are_suggested(tmp_path):
     torch.save(small().state_dict(), tmp_path / "model.pt")
-    bare = run("inject", tmp_path / "model.pt", "--arch", "mobilenetv3_small_050", cwd=tmp_path)
+    bare = here("inject", tmp_path / "model.pt", "--arch", "mobilenetv3_small_050", cwd=tmp_path)
     assert bare.returncode == 2
     assert bare.stderr.strip().endswith("did you mean --arch timm:mobilenetv3_small_050?")
-    typo = run("inject", "timm:mobilenetv3_smal_050", "--dry-run", cwd=tmp_path)
+    typo = here("inject", "timm:mobilenetv3_smal_050", "--dry-run", cwd=tmp_path)
     assert typo.returncode == 2 and "did you mean timm:mobilenetv3_small_050" in typo.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
 
 
 def test_random_weights_warn_and_a_weights_file_does_not(tmp_path):
-    proc = run("inject", "timm:test_resnet", "--input-size", "3,32,32", cwd=tmp_path)
+    proc = here("inject", "timm:test_resnet", "--input-size", "3,32,32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "test_resnet.gct.safetensors").is_file()  # the default name, here
     assert ("warning: timm:test_resnet has random weights (no --weights, no --pretrained): give your "
             "trained file (`gct-surgery inject FILE --arch timm:test_resnet`)") in proc.stderr
     torch.save(small(num_classes=1000).state_dict(), tmp_path / "w.pth")
-    given = run("inject", "timm:test_resnet", "--weights", tmp_path / "w.pth", "--dry-run", cwd=tmp_path)
+    given = here("inject", "timm:test_resnet", "--weights", tmp_path / "w.pth", "--dry-run", cwd=tmp_path)
     assert given.returncode == 0, given.stderr
     assert "random weights" not in given.stderr
 
@@ -185,7 +188,7 @@ def test_local_dir_source_is_recorded_portably(tmp_path, monkeypatch):
 
     model = small(num_classes=5)
     save_for_hf(model, str(tmp_path / "hub"), safe_serialization=True)
-    proc = run("inject", "timm:local-dir:hub", "--input-size", "3,32,32", cwd=tmp_path)
+    proc = here("inject", "timm:local-dir:hub", "--input-size", "3,32,32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "hub.gct.safetensors"
     assert read_metadata(out).source == {"spec": "timm:test_resnet",
@@ -210,7 +213,7 @@ def test_hints_name_the_next_command(ckpt, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(ckpt, run_dir / "best.safetensors")
-    proc = run("inspect", run_dir)
+    proc = here("inspect", run_dir)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {run_dir} is a run folder, not a checkpoint: use {run_dir / 'best.safetensors'}"]
@@ -218,7 +221,7 @@ def test_hints_name_the_next_command(ckpt, tmp_path):
         gct_surgery.load(run_dir)
 
     torch.save(small().state_dict(), tmp_path / "model.pt")
-    proc = run("finetune", tmp_path / "model.pt", "--data", tmp_path, "--out", tmp_path / "out")
+    proc = here("finetune", tmp_path / "model.pt", "--data", tmp_path, "--out", tmp_path / "out")
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert f"first `gct-surgery inject {tmp_path / 'model.pt'} --arch timm:NAME`" in line
