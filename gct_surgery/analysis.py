@@ -168,7 +168,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, *, data: str | os.PathLike
     return analyse(loaded.model, images)
 
 
-def plot(analysis: GateAnalysis, path: str | os.PathLike) -> Path:
+def plot(analysis: GateAnalysis, path: str | os.PathLike) -> None:
     """One PNG: parameters against depth, the competition/cooperation shares, and per
     layer the distribution of gate values over the images (without images: of gamma)."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global figure
@@ -201,4 +201,3 @@ def plot(analysis: GateAnalysis, path: str | os.PathLike) -> Path:
     fig.supxlabel("gate depth index")  # matplotlib's own ticks: readable at any depth
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)

@@ -428,15 +428,6 @@ def test_many_bad_files_spread_over_their_class_and_warn(tmp_path, caplog):
     assert seconds < 5  # no bad file is decoded again
 
 
-def test_report_state_round_trip_keeps_links_and_shares():
-    report = DataReport(bad={"/x.png": "truncated image"}, links={"/up": "a symlink loop"},
-                        bad_share={"a": [1, 2]})
-    again = DataReport.from_state(json.loads(json.dumps(report.to_state())))
-    assert again == report
-    with pytest.raises(ValueError, match="bad_share"):
-        DataReport.from_state({"bad_share": {"a": "half"}})
-
-
 def test_a_resumed_run_replaces_bad_files_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch):
     """The replacement of a bad sample depends on (seed, epoch, index) only: a run stopped
     mid-epoch and resumed in a new process ends with the very weights of an

@@ -255,7 +255,9 @@ def test_per_call_consent_flag_and_option(own, tmp_path, capsys):
         gct_surgery.load(path)
     assert len(gct_surgery.gates(gct_surgery.load(path, trust_source=True))) == 2
     assert run(["inspect", str(path), "--trust-source"]) == 0
+    assert run(["inspect", str(path), "--trust-source", "--json"]) == 0
     assert not trust.store_path().exists()  # per call: nothing remembered
+    assert run(["inspect", str(path)]) == 2  # the consent ended with its command
     with pytest.raises(trust.UntrustedCodeError):
         gct_surgery.load(path)
 

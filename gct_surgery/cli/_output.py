@@ -165,9 +165,18 @@ Split = _choices("Split", "val", "validation", "train", "test")  # validation is
 OutputKind = _choices("OutputKind", "probabilities", "logits")  # a saliency model's maps
 Control = _choices("Control", "static", "identity")  # gamma held at 0, or gates removed
 
+def _consent(ctx: typer.Context, trust_source: bool) -> bool:
+    """The command's consent (``io.trust.trusting``), held until the command ends."""
+    from ..io.trust import trusting  # no torch: --help stays instant
+
+    ctx.with_resource(trusting(trust_source))
+    return trust_source
+
+
 def trust_source_option():
-    """``--trust-source``, the same in every command that opens files."""
-    return typer.Option(False, "--trust-source", help=(
+    """``--trust-source``, the same in every command that opens files; its consent holds
+    for the whole command (``_consent``)."""
+    return typer.Option(False, "--trust-source", callback=_consent, help=(
         "Run the Python code the files opened here name (a model factory, a task, a pickled "
         "module) for this call only. Code you named yourself before, or added with "
         "`gct-surgery trust`, runs without it; a file is data otherwise."))

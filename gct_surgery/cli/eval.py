@@ -47,17 +47,15 @@ def eval_(
 ) -> None:
     """Evaluate a checkpoint on a split: loss and the task's metrics (for a classifier:
     top-1, top-5, per-class accuracy)."""
-    from ..io.trust import trusting
     from ..train.data import report_lines
     from ..train.evaluate import evaluate_checkpoint
 
     split = split.value
-    with trusting(trust_source):
-        r = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size,
-                                workers=workers, threads=threads, device=device,
-                                img_size=img_size, strict=strict, impl=impl.value, task=task,
-                                outputs=outputs.value if outputs else None,
-                                class_map=str(class_map) if class_map else None)
+    r = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size,
+                            workers=workers, threads=threads, device=device,
+                            img_size=img_size, strict=strict, impl=impl.value, task=task,
+                            outputs=outputs.value if outputs else None,
+                            class_map=str(class_map) if class_map else None)
     if json_out:
         print_json(r.to_dict())
         return

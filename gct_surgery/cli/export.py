@@ -39,13 +39,11 @@ def export(
     source before it is kept; a failed check writes nothing."""
     size = parse_numbers(input_size, "--input-size", int)
     from ..io.export import export as run_export
-    from ..io.trust import trusting
 
-    with trusting(trust_source):
-        result = run_export(checkpoint, output, format=format,
-                            gates_only=gates_only, base=base, unload=unload, fold=fold,
-                            fold_tol=fold_tol, opset=opset, input_size=size,
-                            allow_pickle=allow_pickle, static=static)
+    result = run_export(checkpoint, output, format=format,
+                        gates_only=gates_only, base=base, unload=unload, fold=fold,
+                        fold_tol=fold_tol, opset=opset, input_size=size,
+                        allow_pickle=allow_pickle, static=static)
     if json_out:
         print_json(result.to_dict())
         return

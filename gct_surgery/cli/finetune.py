@@ -129,11 +129,7 @@ def finetune(
     from ..train.outputs import is_comparison, replace_run
     from ..train.recipe import default_recipe, load_recipe
 
-    from ..io.trust import trusting
-
     reporter = Reporter(quiet=json_out)
-    consent = contextlib.ExitStack()
-    consent.enter_context(trusting(trust_source))
     try:
         if resume is not None:  # a run, or a whole --baseline comparison (its verdict at the end)
             baseline = is_comparison(resume)
@@ -178,7 +174,7 @@ def finetune(
             else:
                 result = run_finetune(checkpoint, chosen, config, on_event=reporter)
     except Interrupted as e:  # the state is on disk; the Reporter said how to resume
-        reporter.close()
+        reporter.close()  # before warn: stderr would cut into a live bar
         if e.hard and distributed.is_main_process():  # a second signal: what stopped, on disk
             target = resume or (out if seed_index is None else out / f"seed-{seed + seed_index}")
             whole = f"; the whole comparison continues with --resume {target}" if baseline else ""
@@ -188,7 +184,6 @@ def finetune(
                 print_json({"interrupted": True, "signal": e.signum, "run_dir": str(resume or out)})
         raise typer.Exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     finally:
-        consent.close()
         reporter.close()
         distributed.cleanup()
 
@@ -204,16 +199,16 @@ def finetune(
         _print_run(result)
 
 
-def _print_run(result, label: str = "") -> None:
+def _print_run(result) -> None:
     from ..train.data import report_lines
 
     for line in report_lines(result.data):
-        warn(f"{label}{line}")
+        warn(line)
     if result.nonfinite_skipped:
-        warn(f"{label}{result.nonfinite_skipped} batch(es) with a non-finite loss were skipped (--skip-nonfinite)")
+        warn(f"{result.nonfinite_skipped} batch(es) with a non-finite loss were skipped (--skip-nonfinite)")
     best = result.best or {}
     names = ("val_loss", *result.metric_names)
-    info(f"{label}done in {result.seconds:.1f} s: best {', '.join(f'{k} {best[k]:.4g}' for k in names if k in best)} "
+    info(f"done in {result.seconds:.1f} s: best {', '.join(f'{k} {best[k]:.4g}' for k in names if k in best)} "
          f"(epoch {best.get('epoch')}, stage {best.get('stage')}); written to {result.run_dir}")
 
 
@@ -251,7 +246,6 @@ class Reporter:
         self.title = ""
         self.progress = None
         self.task_id = None
-        self.stage = None
 
     def __call__(self, event: str, payload: dict) -> None:
         if self.quiet:
@@ -261,16 +255,15 @@ class Reporter:
         getattr(self, f"on_{event}", lambda p: None)(payload)
 
     def on_stage_start(self, p: dict) -> None:
-        self.stage = p
-        self._say(f"{self.title}stage {p['stage']} ({p['kind']}): {plural(p['epochs'], 'epoch')} x "
-                  f"{plural(p['steps_per_epoch'], 'step')}, {p['trainable']:,} trainable parameters")
+        info(f"{self.title}stage {p['stage']} ({p['kind']}): {plural(p['epochs'], 'epoch')} x "
+             f"{plural(p['steps_per_epoch'], 'step')}, {p['trainable']:,} trainable parameters")
         if is_human():
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             if self.progress is None:
                 # The CLI's own console: a line printed anywhere while the bar is live
-                # goes above it, never into it.
+                # (info; a warning through _warn) goes above it, never into it.
                 self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                          TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
                                          TimeRemainingColumn(), console=console)
@@ -283,9 +276,9 @@ class Reporter:
     def on_stage_end(self, p: dict) -> None:
         g = p.get("summary", {}).get("gates")
         if g:
-            self._say(f"{self.title}after stage {p['stage']}: gates {g['state']} (max |gamma| "
-                      f"{g['max_abs_gamma']:.3g}, max |beta| {g['max_abs_beta']:.3g}; "
-                      f"{g['active_gates']} of {g['gates']} gates at 0.1 or more)")
+            info(f"{self.title}after stage {p['stage']}: gates {g['state']} (max |gamma| "
+                 f"{g['max_abs_gamma']:.3g}, max |beta| {g['max_abs_beta']:.3g}; "
+                 f"{g['active_gates']} of {g['gates']} gates at 0.1 or more)")
 
     def on_step(self, p: dict) -> None:
         if self.progress is not None and self.task_id is not None:
@@ -298,20 +291,14 @@ class Reporter:
         metrics = " ".join(f"{k} {v:.4g}" for k, v in r.items()
                            if k not in ("epoch", "stage", "seconds", "images_per_s") and isinstance(v, float))
         speed = f", {r['seconds']:.1f} s, {r['images_per_s']} img/s" if r["seconds"] else ""
-        self._say(f"{self.title}epoch {r['epoch']} ({r['stage']}): {metrics}{speed}"
-                  f"{' *best*' if p['improved'] else ''}")
-
-    def _say(self, line: str) -> None:
-        if self.progress is not None:  # above the live bar, never inside it
-            self.progress.console.print(line, highlight=False, markup=False)
-        else:
-            info(line)
+        info(f"{self.title}epoch {r['epoch']} ({r['stage']}): {metrics}{speed}"
+             f"{' *best*' if p['improved'] else ''}")
 
     def on_machine(self, p: dict) -> None:
-        self._say(f"{self.title}{p['line']}")
+        info(f"{self.title}{p['line']}")
 
     def on_resumed(self, p: dict) -> None:
-        self._say(f"{self.title}resumed at stage {p['stage_index'] + 1}, epoch {p['epoch'] + 1}, step {p['step']}")
+        info(f"{self.title}resumed at stage {p['stage_index'] + 1}, epoch {p['epoch'] + 1}, step {p['step']}")
 
     def on_interrupted(self, p: dict) -> None:
         self.close()
@@ -330,17 +317,17 @@ class Reporter:
             line += f"; after {plural(p['seeds'], 'seed')}: {p['verdict']}"
         if p.get("reason"):
             line += f" ({p['reason']})"
-        self._say(line)
+        info(line)
 
     def on_arm_done(self, p: dict) -> None:
-        self._say(f"{self.title}finished before; its result is read from {p['run_dir']}/result.json")
+        info(f"{self.title}finished before; its result is read from {p['run_dir']}/result.json")
 
     def on_nonfinite_skipped(self, p: dict) -> None:
         self._warn(f"non-finite loss ({p['loss']}) at stage {p['stage']}, epoch {p['epoch'] + 1}, "
                    f"step {p['step']}: batch skipped ({p['skipped']} of {p['allowed']} allowed)")
 
     def _warn(self, message: str) -> None:
-        if self.progress is not None:
+        if self.progress is not None:  # stderr would cut into the live bar: above it instead
             self.progress.console.print(labelled("warning", "yellow", message), soft_wrap=True)
         else:
             warn(message)

@@ -70,12 +70,9 @@ def inject(
     gate = GateConfig(mode=mode, eps=eps, after_relu=after_relu)  # a bad --mode: one line
     if output is None and not dry_run:
         output = default_output(source)  # before the work: an existing file is refused
-    from ..io.trust import trusting
-
-    with trusting(trust_source):
-        opened = open_source(source, arch=arch, weights=str(weights) if weights else None,
-                             pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                             use_ema=use_ema, allow_pickle=allow_pickle)
+    opened = open_source(source, arch=arch, weights=str(weights) if weights else None,
+                         pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                         use_ema=use_ema, allow_pickle=allow_pickle)
     model, meta = opened.model, opened.meta
 
     if dry_run:

@@ -30,10 +30,8 @@ def inspect(
     from ..analysis import inspect_checkpoint
     from ..analysis import plot as write_plot
     from ..io.atomic import atomic_write_text
-    from ..io.trust import trusting
 
-    with trusting(trust_source):
-        analysis = inspect_checkpoint(checkpoint, data=data, limit=max_images, img_size=img_size)
+    analysis = inspect_checkpoint(checkpoint, data=data, limit=max_images, img_size=img_size)
     doc = analysis.to_dict()
     if out_json is not None:
         atomic_write_text(out_json, json_text(doc) + "\n")

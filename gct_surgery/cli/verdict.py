@@ -22,11 +22,10 @@ def verdict(
 ) -> None:
     """Did the gates help? The verdict over the finished seeds of OUT, and the seeds missing.
     Reads only: seeds still running are listed as missing."""
-    from ..io.trust import trusting
     from ..train.compare import comparison_verdict
 
-    with trusting(trust_source):  # a task's reduce is code the seeds' plans name
-        result = comparison_verdict(out, resolution=resolution)
+    # --trust-source: a task's reduce is code the seeds' plans name
+    result = comparison_verdict(out, resolution=resolution)
     if json_out:
         print_json(result.to_dict())
     else:

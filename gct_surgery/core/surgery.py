@@ -109,7 +109,6 @@ def inject(model: nn.Module, targets: TargetSpec = TargetSpec(),
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise UserError(f"got a {type(model).__name__}; inject into model.module, then wrap again")
     selection = select_targets(model, targets)
-    n_params_before = _count(model)
     base_params = base_parameter_count(model)
 
     new = [t for t in selection.selected if not t.already_gated]
@@ -127,7 +126,7 @@ def inject(model: nn.Module, targets: TargetSpec = TargetSpec(),
     return InjectionReport(
         gates_added=len(new),
         gates_total=len(gated),
-        params_added=_count(model) - n_params_before,
+        params_added=sum(_count(getattr(t.module, GATE_ATTR)) for t in new),
         base_params=base_params,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         gated=gated,

@@ -20,18 +20,13 @@ from torch import nn
 
 from ..core.surgery import gated_modules, is_gate_parameter
 from ..errors import CheckpointError
-from .checkpoint import load_checkpoint, read_metadata, rebuild, stored_tensors
+from .checkpoint import base_state, load_checkpoint, read_metadata, rebuild, stored_tensors
 from .metadata import METADATA_KEY, CheckpointMeta
 from .sources import ModelSource, build_model, parse_source, resolve_hub
 from .state_dicts import is_safetensors, load_weights, read_header, require_file
 from .trust import require
 
 HASH_PREFIX = "sha256:"
-
-
-def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base weights of a model: its state dict without gate tensors."""
-    return {k: v for k, v in model.state_dict().items() if not is_gate_parameter(k)}
 
 
 def base_hash(state: dict) -> str:
@@ -77,24 +72,24 @@ def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | Non
     """
     if isinstance(base, nn.Module):
         return base, "the given base model"
-    root = meta.source.get("root")
     if base is None:  # the file names its base: its code needs consent, its weights are data
         source = resolve_hub(recorded_base(meta), named_by)  # a local-dir: folder, offline
-        require(source.spec, root=root, named_by=named_by, what="base model code")
-        if source.kind == "pickle":  # the consented pickle holds its weights
+        allow_pickle = source.kind == "pickle"  # a recorded pickle: after the consent below
+        if allow_pickle:  # the consented pickle holds its weights
             source = replace(source, weights=None)
-        where = source.weights or source.spec
-        return build_model(source, allow_pickle=source.kind == "pickle"), str(where)
-    text, kwargs = str(base), dict(meta.source.get("kwargs") or {})
-    if parse_source(text)[0] != "file":
-        return build_model(ModelSource(text, kwargs), allow_pickle=allow_pickle), text
-    require_file(text)
-    if is_safetensors(text) and METADATA_KEY in read_header(text)[1]:  # a gates-only one is refused
-        return load_checkpoint(text).model, text
-    arch = _open_event(meta).get("source") or meta.source.get("spec")
-    source = ModelSource(arch, kwargs, weights=text)
-    require(source.spec, root=root, named_by=named_by, what="base model code")
-    return build_model(source, allow_pickle=allow_pickle), text
+        where = str(source.weights or source.spec)
+    else:
+        where, kwargs = str(base), dict(meta.source.get("kwargs") or {})
+        if parse_source(where)[0] != "file":
+            return build_model(ModelSource(where, kwargs), allow_pickle=allow_pickle), where
+        require_file(where)
+        # a gct-surgery checkpoint is a whole model (a gates-only one is refused)
+        if is_safetensors(where) and METADATA_KEY in read_header(where)[1]:
+            return load_checkpoint(where).model, where
+        arch = _open_event(meta).get("source") or meta.source.get("spec")
+        source = ModelSource(arch, kwargs, weights=where)  # weights for the recorded architecture
+    require(source.spec, root=meta.source.get("root"), named_by=named_by, what="base model code")
+    return build_model(source, allow_pickle=allow_pickle), where
 
 
 def save_adapter(model: nn.Module, meta: CheckpointMeta, base: nn.Module, path: str | os.PathLike,

@@ -82,7 +82,7 @@ def storage_error(path: str | os.PathLike, error: BaseException) -> WriteError |
     return converted if storage else None
 
 
-def make_folder(folder: str | os.PathLike, what: str = "folder") -> Path:
+def make_folder(folder: str | os.PathLike, what: str = "folder") -> None:
     """``mkdir -p`` whose failure (a file in the way, read-only, disk full) is one line."""
     folder = Path(folder)
     try:
@@ -95,7 +95,6 @@ def make_folder(folder: str | os.PathLike, what: str = "folder") -> Path:
         raise WriteError(f"could not create the {what} {folder}: {reason}; "
                          f"{_NEXT_STEP.get(e.errno, 'fix the cause and run the command again')}",
                          folder, reason) from None
-    return folder
 
 
 @contextlib.contextmanager

@@ -160,13 +160,17 @@ def _gate_config(model) -> dict:
 def _check_same_tensors(model, base, spec: str) -> None:
     """``base`` (the source's model) must take the model's tensors, gates aside: else
     ``load`` would fail, far from here."""
-    state = {k: v for k, v in model.state_dict().items() if not is_gate_parameter(k)}
     try:
-        load_weights(base, state, what="this model's weights")
+        load_weights(base, base_state(model), what="this model's weights")
     except CheckpointError as e:
         raise SourceError(f"save(source={spec!r}) builds another model ({e}); pass the source "
                           "this model was built from, with its arguments: "
                           "ModelSource(spec, kwargs={...})") from None
+
+
+def base_state(model) -> dict:
+    """The base weights of a model: its state dict without gate tensors."""
+    return {k: v for k, v in model.state_dict().items() if not is_gate_parameter(k)}
 
 
 # --- loading --------------------------------------------------------------------------

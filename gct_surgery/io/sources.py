@@ -29,8 +29,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError, SourceError, first_line
-from .state_dicts import (freeze_norms, load_file_weights, load_weights, read_weights_file,
-                          require_file)
+from .state_dicts import load_file_weights, load_weights, read_weights_file, require_file
 from .trust import IDENTIFIER, code_folder, code_spec, import_object, on_import_path
 _MODEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"  # a registered name: no hub, no folder
 # Builder arguments that make timm or torchvision read files or the network:
@@ -219,9 +218,11 @@ def load_backbone(model: nn.Module, tensors: dict, source: ModelSource) -> None:
     builder: FILE holds its backbone's classification weights (what ``weights_backbone``
     would download), loaded into the backbone by name (the classifier's are unused). A
     detector's backbone then gets ``FrozenBatchNorm2d``, as torchvision gives it."""
+    from timm.layers import freeze_batch_norm_2d
+
     body = getattr(model.backbone, "body", model.backbone)
     if type(model).__module__.startswith("torchvision.models.detection"):
-        freeze_norms(body)
+        freeze_batch_norm_2d(body)
     wanted = [k for k in body.state_dict() if not k.endswith("num_batches_tracked")]
     prefix = next((p for p in ("", "features.") if all(p + k in tensors for k in wanted)), None)
     if prefix is None:

@@ -264,34 +264,20 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
         raise CheckpointError(f"{what} does not fit the model: {first_line(e)[:200]}") from None
 
 
-def freeze_norms_saved_frozen(model: nn.Module, state_dict: dict) -> int:
-    """A torchvision detector's ``BatchNorm2d`` saved without ``num_batches_tracked`` was
-    trained frozen (torchvision gives a detector that starts from pretrained weights
-    ``FrozenBatchNorm2d``; built offline it gets ``BatchNorm2d``): it becomes frozen
-    again, so the file loads strictly and no stage moves it. Other models keep their
-    BatchNorm (torchvision's older classification files have no ``num_batches_tracked``)."""
-    if not type(model).__module__.startswith("torchvision.models.detection"):
-        return 0
-    return freeze_norms(model, lambda key: f"{key}running_mean" in state_dict
-                        and f"{key}num_batches_tracked" not in state_dict)
+def freeze_norms_saved_frozen(model: nn.Module, state_dict: dict) -> None:
+    """A torchvision detector whose backbone was saved without ``num_batches_tracked`` was
+    trained with ``FrozenBatchNorm2d`` there (torchvision's choice for a backbone that
+    starts pretrained; built offline it gets ``BatchNorm2d``): its norms are frozen again
+    (timm's ``freeze_batch_norm_2d``), so the file loads strictly and no stage moves them.
+    Other models keep their BatchNorm (torchvision's early classification files have no
+    ``num_batches_tracked`` either: torch fills it)."""
+    from timm.layers import freeze_batch_norm_2d
 
-
-def freeze_norms(model: nn.Module, chosen=lambda key: True) -> int:
-    """Each ``BatchNorm2d`` whose key prefix is ``chosen`` becomes torchvision's
-    ``FrozenBatchNorm2d`` (the same state dict without ``num_batches_tracked``, and no
-    parameters: it never trains). Returns how many."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    swapped = 0
-    for parent_name, parent in list(model.named_modules()):
-        for name, norm in list(parent.named_children()):
-            key = f"{parent_name}.{name}." if parent_name else f"{name}."
-            if type(norm) is nn.BatchNorm2d and norm.affine and chosen(key):
-                frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
-                frozen.load_state_dict(norm.state_dict())
-                setattr(parent, name, frozen.to(norm.weight.device, norm.weight.dtype))
-                swapped += 1
-    return swapped
+    saved = [k for k in state_dict if k.startswith("backbone.")]
+    if (type(model).__module__.startswith("torchvision.models.detection")
+            and any(k.endswith(".running_mean") for k in saved)
+            and not any(k.endswith(".num_batches_tracked") for k in saved)):
+        freeze_batch_norm_2d(model.backbone)
 
 
 def _mismatch(model: nn.Module, state_dict: dict, missing: list, unexpected: list, shapes: list,

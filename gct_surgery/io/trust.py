@@ -56,7 +56,6 @@ class CodeRef:
     """What would run: the spec as recorded, its file(s) and their hash, the attribute."""
 
     spec: str
-    root: str | None
     path: Path       # the module file (or the pickle) that runs
     attr: str        # the factory or task object; "" for a pickle
     sha256: str
@@ -112,7 +111,7 @@ def locate(spec: str, root: str | None = None) -> CodeRef:
     for f in files:  # a package module runs its packages' __init__.py files first
         data = f.read_bytes()
         digest.update(len(data).to_bytes(8, "little") + data)
-    return CodeRef(spec, root, files[-1], attr, digest.hexdigest())
+    return CodeRef(spec, files[-1], attr, digest.hexdigest())
 
 
 def _module_files(module_ref: str, root: str | None, spec: str) -> list[Path]:

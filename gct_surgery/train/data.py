@@ -21,7 +21,7 @@ import random
 import signal
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,24 +81,6 @@ class DataReport:
                 "empty_classes": list(self.empty_classes),
                 "skipped_links": len(self.links), "first_skipped_links": first(self.links),
                 "bad_share": {k: list(v) for k, v in self.bad_share.items()}}
-
-    def to_state(self) -> dict:
-        """Everything, as plain data (kept in a run's train state)."""
-        return asdict(self)
-
-    @classmethod
-    def from_state(cls, d: dict) -> "DataReport":
-        """The report ``to_state`` wrote; a ``ValueError`` if the state file was altered."""
-        try:
-            report = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-            typed = all(type(getattr(report, k)) is type(v) for k, v in asdict(cls()).items())
-            if typed and all(len(v) == 2 and all(isinstance(n, int) for n in v)
-                             for v in report.bad_share.values()):
-                return report
-        except TypeError:  # not a mapping, or a share that is not a pair
-            pass
-        raise ValueError("the data report (bad, ignored, links, bad_share...) is not what "
-                         "to_state writes")
 
 
 def report_lines(d: dict) -> list[str]:

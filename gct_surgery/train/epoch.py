@@ -9,6 +9,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UserError
 from ..io.checkpoint import save
@@ -127,16 +128,11 @@ def _backward(loss: torch.Tensor, optimizer, scaler, clip: float | None = None,
 
 def _split(y, parts: int) -> list:
     """Targets cut like the inputs: tensors, or tensors nested in lists, tuples, dicts."""
-    if parts == 1:
-        return [y]
-    if isinstance(y, torch.Tensor):
-        return list(torch.tensor_split(y, parts))
-    if isinstance(y, (list, tuple)):
-        return [type(y)(v) for v in zip(*(_split(v, parts) for v in y))]
-    if isinstance(y, dict):
-        cut = {k: _split(v, parts) for k, v in y.items()}
-        return [{k: cut[k][i] for k in y} for i in range(parts)]
-    raise UserError(f"--grad-accum cannot split targets of type {type(y).__name__}; run without it")
+    leaves, spec = tree_flatten(y)
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise UserError("--grad-accum cannot split targets that are not tensors; run without it")
+    cuts = [torch.tensor_split(t, parts) for t in leaves]
+    return [tree_unflatten([cut[i] for cut in cuts], spec) for i in range(parts)]
 
 
 def epoch_zero(run: Run) -> None:

@@ -66,9 +66,8 @@ class DataOptions:
 
     @classmethod
     def from_config(cls, config: TrainConfig | dict | None) -> "DataOptions":
-        """The options a run's config (or a checkpoint's recorded one) asks for."""
-        if config is None:
-            return cls()
+        """The options a run's config (or a checkpoint's recorded one) asks for; with
+        no config (None), the defaults."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         return cls(**{k: get(k, f.default) for k, f in cls.__dataclass_fields__.items()})
 

@@ -164,18 +164,28 @@ def write_metrics(run_dir: Path, rows: list[dict], metrics_format: str) -> Path:
 def write_plot(run_dir: Path, rows: list[dict], primary_metric: str) -> None:
     """metrics.png: losses and the primary metric per epoch (row 0 on), stage boundaries
     marked."""
-    from matplotlib.figure import Figure  # no pyplot: no display, no global figure
+    lines = [(0, rows, "train_loss", dict(marker="o", label="train loss")),
+             (0, rows, "val_loss", dict(marker="o", label="val loss")),
+             (1, rows, primary_metric, dict(marker="o", color="C2", label=f"val {primary_metric}"))]
+    save_figure(run_dir / RunDir.PLOT, lines, rows, primary_metric,
+                f"gct-surgery finetune: {run_dir.name}")
 
-    fig = Figure(figsize=(10, 4), layout="tight")
-    ax_loss, ax_metric = fig.subplots(1, 2)
-    epochs = [r["epoch"] for r in rows]
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train loss")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val loss")
-    ax_metric.plot(epochs, [r[primary_metric] for r in rows], marker="o", color="C2",
-                   label=f"val {primary_metric}")
-    _mark_stages(fig.axes, rows)
-    fig.suptitle(f"gct-surgery finetune: {run_dir.name}")
-    with atomic.atomic_path(run_dir / RunDir.PLOT) as tmp:
+
+def save_figure(path: Path, lines: list, stage_rows: list[dict], metric: str, title: str) -> None:
+    """Two panels, loss and metric: each line is ``(panel, rows, key, style)`` plotted per
+    epoch; the stages of ``stage_rows`` marked. Matplotlib's ``Figure``: no pyplot, no
+    display, no global figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="tight")
+    axes = fig.subplots(1, 2)
+    for panel, rows, key, style in lines:
+        axes[panel].plot([r["epoch"] for r in rows], [r[key] for r in rows], **style)
+    _mark_stages(axes, stage_rows)
+    axes[0].set_ylabel("loss")
+    axes[1].set_ylabel(f"val {metric}")
+    fig.suptitle(title, fontsize=9, wrap=True)
+    with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
 
@@ -268,26 +278,12 @@ def write_comparison(comparison) -> tuple[Path, Path]:
     out = Path(comparison.out)
     doc_path = out / RunDir.COMPARISON
     atomic_write_text(doc_path, strict_json(comparison.to_dict()) + "\n")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4), layout="tight")
-    ax_loss, ax_metric = fig.subplots(1, 2)
-    key = comparison.metric
-    for runs in comparison.runs:
-        for arm, result in runs.arms.items():
-            colour, style = ARM_STYLE[arm]
-            label = arm if runs is comparison.runs[0] else None
-            epochs = [r["epoch"] for r in result.rows]
-            ax_loss.plot(epochs, [r["val_loss"] for r in result.rows], color=colour, linestyle=style,
-                         marker=".", label=label)
-            ax_metric.plot(epochs, [r[key] for r in result.rows], color=colour, linestyle=style,
-                           marker=".", label=label)
-    ax_loss.set_ylabel("val loss")
-    ax_metric.set_ylabel(f"val {key}")
-    _mark_stages(fig.axes, comparison.runs[0].gct.rows)
-    fig.suptitle(comparison.verdict.text, fontsize=9, wrap=True)
-    with atomic.atomic_path(out / RunDir.PLOT) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    key, first = comparison.metric, comparison.runs[0]
+    lines = [(panel, result.rows, name, dict(color=ARM_STYLE[arm][0], linestyle=ARM_STYLE[arm][1],
+                                            marker=".", label=arm if runs is first else None))
+             for runs in comparison.runs for arm, result in runs.arms.items()
+             for panel, name in ((0, "val_loss"), (1, key))]
+    save_figure(out / RunDir.PLOT, lines, first.gct.rows, key, comparison.verdict.text)
     return doc_path, out / RunDir.PLOT
 
 
@@ -322,7 +318,7 @@ def read_plan(path: Path) -> dict:
 def write_arm_result(result: RunResult) -> None:
     """``result.json`` in a finished arm's folder: a resumed comparison reads it back
     instead of running the arm again."""
-    doc = {"result": result.to_dict(), "rows": result.rows}
+    doc = {**asdict(result), "run_dir": str(result.run_dir)}
     atomic_write_text(Path(result.run_dir) / RunDir.ARM_RESULT, strict_json(doc) + "\n")
 
 
@@ -334,15 +330,10 @@ def read_arm_result(run_dir: Path) -> RunResult | None:
     doc = read_json(path)
     nan = float("nan")  # strict JSON wrote a missing number as null
     try:
-        r = doc["result"]
         rows = [{k: nan if v is None else v for k, v in row.items()} for row in doc["rows"]]
-        return RunResult(Path(run_dir), rows, r["best"], float(r["seconds"]), int(r["params"]),
-                         int(r["gate_params"]), int(r["trainable_params"]), data=dict(r["data"]),
-                         nonfinite_skipped=int(r["nonfinite_skipped"]),
-                         metric_names=tuple(r["metric_names"]), primary_metric=str(r["primary_metric"]),
-                         higher_is_better=bool(r["higher_is_better"]), stages=list(r["stages"]),
-                         val_samples=int(r["val_samples"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return RunResult(**{**doc, "run_dir": Path(run_dir), "rows": rows,
+                            "metric_names": tuple(doc["metric_names"])})
+    except (KeyError, TypeError, AttributeError) as e:
         raise _damaged(path, f"result: {e}") from None
 
 

@@ -99,9 +99,8 @@ class Progress:
         self.epoch_sums = EpochSums()
 
     def to_state(self) -> dict:
-        """Plain data for the state file (the data report as its own plain state)."""
-        report = self.data_report.to_state() if self.data_report is not None else {}
-        return {**dataclasses.asdict(replace(self, data_report=None)), "data_report": report}
+        """Plain data for the state file (the data report's fields too)."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_state(cls, state: dict, data_report: Any) -> "Progress":
@@ -109,7 +108,7 @@ class Progress:
         so far) is merged into the saved report."""
         saved = {f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state}
         if saved.get("data_report"):
-            data_report = DataReport.from_state(saved["data_report"]).merge(data_report)
+            data_report = DataReport(**saved["data_report"]).merge(data_report)
         return cls(**{**saved, "epoch_sums": EpochSums(**saved["epoch_sums"]),
                       "data_report": data_report})
 
@@ -166,7 +165,7 @@ def write_state(run: Run, optimizer, scheduler, scaler) -> None:
         "meta": run.meta.to_json(),
         "model": _cpu(model),
         "optimizer": optimizer.state_dict(),
-        "scheduler": _plain(scheduler.state_dict()),
+        "scheduler": scheduler.state_dict(),  # timm's: plain numbers and lists
         "scaler": scaler.state_dict() if scaler is not None else {},
         "ema": _cpu(run.ema.module) if run.ema is not None else {},
         "rng": rng_state(),
@@ -210,12 +209,6 @@ def _cpu(model: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _plain(d: dict) -> dict:
-    """Drop scheduler fields that are not plain data (weights_only must read it back)."""
-    ok = (int, float, str, bool, type(None), list, tuple, dict, torch.Tensor)
-    return {k: v for k, v in d.items() if isinstance(v, ok)}
-
-
 def read_state(run_dir: Path) -> dict:
     """The train state of ``run_dir``, read safely; a ``RunError`` line when there is
     none, or it is not one this version of the tool wrote."""
@@ -255,8 +248,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():

@@ -19,7 +19,6 @@ import numpy as np
 
 DEFAULT_RESOLUTION: dict[str, float] = {"top1": 0.5, "top5": 0.5, "mae": 0.005, "max_f": 0.005,
                                         "miou": 0.5, "pixel_acc": 0.5}
-CONCLUSIONS = ("equivalent", "gct_better", "control_better", "inconclusive", "undetermined")
 POWER = 0.80                       # for the minimum detectable effect
 FUTILITY = 0.10                    # stop when a call at max_seeds is less likely than this
 _FAR = 1e12                        # "as many seeds as you like": the image-only limit
@@ -63,7 +62,7 @@ class Verdict:
     df: float | None = None             # Satterthwaite degrees of freedom
     ci95: tuple[float, float] | None = None
     ci90: tuple[float, float] | None = None
-    conclusion: str                     # one of CONCLUSIONS
+    conclusion: str  # equivalent, gct_better, control_better, inconclusive or undetermined
     mde: float | None = None            # smallest effect found with 80% power at this SE
     resolution: float | None            # equivalence bound; None: equivalence not tested
     seeds_for_resolution: int | None = None  # seeds that bring the MDE down to ``resolution``
