@@ -105,6 +105,25 @@ def test_baseline_with_two_seeds_gives_the_verdict_and_every_run(two_seeds):
         strict((two_seeds["out"] / name).read_text())
 
 
+def test_a_finished_arm_reads_back_and_so_does_the_older_file_shape(two_seeds, tmp_path):
+    """``result.json`` is what a resumed comparison and ``gct-surgery verdict`` read; the
+    shape written before the one-file run state (the result beside its rows) still reads."""
+    from gct_surgery.train.outputs import read_arm_result
+
+    arm = two_seeds["out"] / "seed-0" / "control"
+    now = read_arm_result(arm)
+    assert now.rows and now.metric_names == ("top1", "top5") and now.primary_metric == "top1"
+    older = tmp_path / "control"
+    older.mkdir()
+    doc = json.loads((arm / "result.json").read_text())
+    rows = doc.pop("rows")
+    (older / "result.json").write_text(json.dumps({"result": {**doc, "last": rows[-1],
+                                                              "epochs": 2}, "rows": rows}))
+    then = read_arm_result(older)
+    same = json.dumps(then.rows) == json.dumps(now.rows)  # NaN != NaN; their text is equal
+    assert same and then.best == now.best and then.params == now.params
+
+
 def test_the_control_trains_the_same_steps_minus_gamma(two_seeds, ckpt):
     doc = json.loads((two_seeds["out"] / "comparison.json").read_text())
     n_gates = gate_params(ckpt)

@@ -366,3 +366,13 @@ def test_an_onnx_export_names_every_output_in_order(tmp_path, factory, names):
         want = flat_outputs(load(gated).eval()(x))
     got = session.run(None, {"input": x.numpy()})
     assert all(np.abs(g - w.numpy()).max() < 1e-4 for g, w in zip(got, want))
+
+
+def test_output_names_follow_the_output_structure():
+    from gct_surgery.core.model import output_names
+
+    t = torch.zeros(1)
+    assert output_names(t) == ["output"]
+    assert output_names({"out": t}) == ["out"]  # torchvision without aux: still its key
+    assert output_names({"out": t, "aux": t}) == ["out", "aux"]
+    assert output_names((t, t, t)) == ["output0", "output1", "output2"]

@@ -146,6 +146,14 @@ def test_a_detector_trained_with_frozen_batchnorm_loads_strictly_and_stays_froze
                                               "labels": torch.tensor([1])}] * 2)
     assert torch.equal(again.backbone.body.get_submodule("0.1").running_mean, stats)
 
+    # Only the norms saved without a batch count: one kept training (a v2 detector's FPN)
+    state = trained.state_dict()
+    state["backbone.body.1.block.0.1.num_batches_tracked"] = torch.tensor(5)
+    torch.save(state, path)
+    mixed, _ = open_model(str(path), arch=f"torchvision:{name}")
+    assert set(frozen(trained)) - set(frozen(mixed)) == {"backbone.body.1.block.0.1"}
+    assert type(mixed.get_submodule("backbone.body.1.block.0.1")) is torch.nn.BatchNorm2d
+
 
 def test_deeplabv3_with_one_image_per_batch_is_one_line(tmp_path, capsys):
     """DeepLabV3's ASPP pools to 1x1 before a BatchNorm: torch refuses to train that on
@@ -206,3 +214,8 @@ def test_pretrained_backbone_from_a_local_file_never_fetches(tmp_path, capsys):
                                 str(tmp_path / "y.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "does not hold the backbone of torchvision:lraspp" in err, err
+    code = gct_surgery.cli.run(["inject", "torchvision:ssdlite320_mobilenet_v3_large",
+                                "--pretrained", "--weights", str(path), "-o",
+                                str(tmp_path / "z.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "under other names; give the whole model's weights" in err, err

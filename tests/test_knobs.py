@@ -311,3 +311,18 @@ def test_an_unknown_stage_name_is_one_line_exit_2(ckpt, data, tmp_path, capsys):
     assert cli_run(args) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "its stages are gates, full" in err
+
+
+def test_targets_are_split_for_grad_accum_and_kept_whole_without_it():
+    """A task's targets may hold anything when a step takes one batch; split, they must
+    be tensors (nested in lists, tuples or dicts)."""
+    from gct_surgery.errors import UserError
+    from gct_surgery.train.epoch import _split
+
+    ids = [{"mask": torch.zeros(4, 2), "image_id": "a.jpg"}]
+    assert _split(ids, 1) == [ids]
+    parts = _split({"mask": torch.arange(4), "pair": (torch.arange(4), torch.arange(4))}, 2)
+    assert [p["mask"].tolist() for p in parts] == [[0, 1], [2, 3]]
+    assert parts[1]["pair"][0].tolist() == [2, 3] and isinstance(parts[1]["pair"], tuple)
+    with pytest.raises(UserError, match="--grad-accum cannot split"):
+        _split(ids, 2)

@@ -193,7 +193,7 @@ def test_resume_warns_when_the_data_changed(run_copy, capsys):
 
 @pytest.mark.parametrize("damage, says", [
     (lambda p: p.write_bytes(p.read_bytes()[:1000]), "is not a readable train state"),
-    (lambda p: torch.save({"model": {}}, p), "is not a gct-surgery train state"),
+    (lambda p: torch.save({"model": {}}, p), "is not a train state this gct-surgery reads"),
 ])
 def test_a_cut_or_foreign_state_file_is_one_line(run_copy, damage, says, capsys):
     run, _ = run_copy

@@ -107,15 +107,14 @@ def finetune(
     Runs under `torchrun --nproc-per-node N gct-surgery finetune ...` too."""
     from ..train import distributed
 
-    if resume is None:
-        if checkpoint is None:
-            raise typer.BadParameter("give a CHECKPOINT, or --resume RUN_DIR", param_hint="CHECKPOINT")
-        if data is None:
-            raise typer.BadParameter("give the image folder", param_hint="--data")
-        if out is None:
-            raise typer.BadParameter("give the run folder", param_hint="--out")
-        if stage is not None and recipe is not None:
-            raise typer.BadParameter("give --stage or --recipe, not both", param_hint="--stage")
+    needed = (("CHECKPOINT", checkpoint is None, "give a CHECKPOINT, or --resume RUN_DIR"),
+              ("--data", data is None, "give the image folder"),
+              ("--out", out is None, "give the run folder"),
+              ("--stage", stage is not None and recipe is not None,
+               "give --stage or --recipe, not both"))
+    for hint, wrong, what in needed if resume is None else ():
+        if wrong:
+            raise typer.BadParameter(what, param_hint=hint)
     comparing = {"--seeds": seeds != "1", "--plain": plain, "--seed-index": seed_index is not None,
                  "--control": control != Control.static, "--resolution": resolution is not None}
     if not baseline and any(comparing.values()):

@@ -47,12 +47,12 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
 
 def output_names(out: Any) -> list[str]:
     """A name for each tensor of a model's output, in ``flat_outputs`` order: ``output``
-    for one tensor; a dict's keys (torchvision's ``out``, ``aux``); else ``output0``,
+    for a tensor; a dict's keys (torchvision's ``out``, ``aux``); else ``output0``,
     ``output1``... (U^2-Net's fused map first, then its side outputs)."""
+    if isinstance(out, torch.Tensor):
+        return ["output"]
     leaves = [(path, v) for path, v in tree_flatten_with_path(out)[0]
               if isinstance(v, torch.Tensor)]
-    if len(leaves) == 1:
-        return ["output"]
     names = ["_".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path)
              for path, _ in leaves]
     return [n if n[:1].isalpha() else f"output{n}" for n in names]

@@ -220,9 +220,13 @@ def load_backbone(model: nn.Module, tensors: dict, source: ModelSource) -> None:
     detector's backbone then gets ``FrozenBatchNorm2d``, as torchvision gives it."""
     from timm.layers import freeze_batch_norm_2d
 
+    name = source.spec.removeprefix("torchvision:")
+    if name.startswith("ssd"):
+        raise SourceError(f"--pretrained --weights: {source.spec} rebuilds its backbone's layers "
+                          "under other names; give the whole model's weights with --weights alone")
     body = getattr(model.backbone, "body", model.backbone)
-    if type(model).__module__.startswith("torchvision.models.detection"):
-        freeze_batch_norm_2d(body)
+    if "_v2" not in name and type(model).__module__.startswith("torchvision.models.detection"):
+        freeze_batch_norm_2d(body)  # as torchvision's v1 detectors do with backbone weights
     wanted = [k for k in body.state_dict() if not k.endswith("num_batches_tracked")]
     prefix = next((p for p in ("", "features.") if all(p + k in tensors for k in wanted)), None)
     if prefix is None:

@@ -265,19 +265,21 @@ def load_weights(model: nn.Module, state_dict: dict, *, what: str = "the checkpo
 
 
 def freeze_norms_saved_frozen(model: nn.Module, state_dict: dict) -> None:
-    """A torchvision detector whose backbone was saved without ``num_batches_tracked`` was
-    trained with ``FrozenBatchNorm2d`` there (torchvision's choice for a backbone that
-    starts pretrained; built offline it gets ``BatchNorm2d``): its norms are frozen again
-    (timm's ``freeze_batch_norm_2d``), so the file loads strictly and no stage moves them.
-    Other models keep their BatchNorm (torchvision's early classification files have no
+    """A torchvision detector's BatchNorm saved without ``num_batches_tracked`` was trained
+    as ``FrozenBatchNorm2d`` (torchvision's choice for a backbone that starts pretrained;
+    built offline it gets ``BatchNorm2d``): it is frozen again (timm's
+    ``freeze_batch_norm_2d``), so the file loads strictly and no stage moves it. Other
+    models keep their BatchNorm (torchvision's early classification files have no
     ``num_batches_tracked`` either: torch fills it)."""
     from timm.layers import freeze_batch_norm_2d
 
-    saved = [k for k in state_dict if k.startswith("backbone.")]
-    if (type(model).__module__.startswith("torchvision.models.detection")
-            and any(k.endswith(".running_mean") for k in saved)
-            and not any(k.endswith(".num_batches_tracked") for k in saved)):
-        freeze_batch_norm_2d(model.backbone)
+    if not type(model).__module__.startswith("torchvision.models.detection"):
+        return
+    for name, norm in list(model.named_modules()):
+        if (type(norm) is nn.BatchNorm2d and f"{name}.running_mean" in state_dict
+                and f"{name}.num_batches_tracked" not in state_dict):
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).add_module(child, freeze_batch_norm_2d(norm))
 
 
 def _mismatch(model: nn.Module, state_dict: dict, missing: list, unexpected: list, shapes: list,

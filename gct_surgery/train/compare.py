@@ -52,13 +52,15 @@ class Plan:
     resolution: float | None = None  # None: the metric's default (verdict.default_resolution)
 
     def __post_init__(self) -> None:
-        if self.seeds != "auto" and self.seeds is not None and (
-                not isinstance(self.seeds, int) or self.seeds < 1):
-            raise UserError(f"--seeds {self.seeds}: give a whole number of 1 or more, or auto")
-        if self.seeds == "auto" and self.max_seeds < 2:
-            raise UserError(f"--max-seeds {self.max_seeds}: --seeds auto needs 2 or more")
-        if self.resolution is not None and not self.resolution > 0:
-            raise UserError(f"--resolution {self.resolution}: give a difference above 0")
+        count = self.seeds in ("auto", None) or isinstance(self.seeds, int) and self.seeds >= 1
+        refusals = ((not count, f"--seeds {self.seeds}: give a whole number of 1 or more, or auto"),
+                    (self.seeds == "auto" and self.max_seeds < 2,
+                     f"--max-seeds {self.max_seeds}: --seeds auto needs 2 or more"),
+                    (self.resolution is not None and not self.resolution > 0,
+                     f"--resolution {self.resolution}: give a difference above 0"))
+        for refused, why in refusals:
+            if refused:
+                raise UserError(why)
 
     @classmethod
     def read(cls, path: Path) -> tuple[Plan, dict]:
@@ -288,7 +290,7 @@ def _extend(plan: Plan, folders: list[Path], epochs: int) -> Plan:
             more, first = (after.total_epochs, 0) if folder.name == "plain" else (epochs, start)
             extend_run(folder, state, epochs, lambda r: extended(r, more, first), record=record)
     plans = [Path(plan.config.out) / COMPARISON_PLAN, *(f / SEED_PLAN for f in folders)]
-    for path in filter(Path.is_file, plans):
+    for path in filter(Path.is_file, plans) if is_main_process() else ():
         record_extension(path, after, epochs=epochs)
     return replace(plan, recipe=after)
 

@@ -57,16 +57,17 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise UserError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
         check_given(self.threads, self.workers)
-        if not 0 < self.crop_scale <= 1:
-            raise UserError(f"--crop-scale {self.crop_scale}: choose a share in (0, 1], "
-                            f"e.g. {CROP_SCALE}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay {self.ema_decay}: choose a number in [0, 1), e.g. 0.999")
-        if self.val_split is not None and not 0 < self.val_split < 1:
-            raise UserError(f"--val-split {self.val_split}: choose a share in (0, 1), "
-                            "e.g. --val-split 0.2")
-        if not 0 <= self.drop_path < 1:
-            raise UserError(f"--drop-path {self.drop_path}: a rate in [0, 1), e.g. 0.1")
+        ranges = (("--crop-scale", self.crop_scale, 0 < self.crop_scale <= 1,
+                   f"a share in (0, 1], e.g. {CROP_SCALE}"),
+                  ("--ema-decay", self.ema_decay, self.ema_decay is None
+                   or 0 <= self.ema_decay < 1, "a number in [0, 1), e.g. 0.999"),
+                  ("--val-split", self.val_split, self.val_split is None
+                   or 0 < self.val_split < 1, "a share in (0, 1), e.g. --val-split 0.2"),
+                  ("--drop-path", self.drop_path, 0 <= self.drop_path < 1,
+                   "a rate in [0, 1), e.g. 0.1"))
+        for option, value, ok, what in ranges:
+            if not ok:
+                raise UserError(f"{option} {value}: choose {what}")
         if self.class_map is not None:  # recorded: resume and eval find it from anywhere
             self.class_map = str(Path(self.class_map).resolve())
         ref, sep, attr = (self.task or "").rpartition(":")

@@ -257,10 +257,12 @@ def precision_recall(prob: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 
 def s_measure(prob: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> float:
-    """One map's structure measure (Fan et al., ICCV 2017), as the authors' MATLAB code
-    computes it: object-aware similarity (foreground and background score by mean and
-    spread) and region-aware similarity (SSIM of the four blocks around the ground
-    truth's centroid), averaged; the ground truth is mask > 0.5."""
+    """One map's structure measure (Fan et al., ICCV 2017), as the authors'
+    ``StructureMeasure.m`` computes it: object-aware similarity (foreground and background
+    scored by mean and spread) and region-aware similarity (SSIM of the four blocks
+    around the ground truth's centroid), averaged. The map is taken as the model gives
+    it and the ground truth is mask > 0.5, as for max F (the authors' demo stretches
+    each map to [0, 1] first and takes any nonzero mask pixel as object)."""
     prob, truth = prob.double(), (mask > 0.5).double()
     share = truth.mean().item()
     if share in (0.0, 1.0):  # no object, or no background: how close the map is to it

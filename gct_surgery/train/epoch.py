@@ -82,7 +82,7 @@ def _train_step(run: Run, stage: Stage, train_model: nn.Module, x: torch.Tensor,
         last = i == parts - 1
         quiet = not last and hasattr(train_model, "no_sync")
         with train_model.no_sync() if quiet else contextlib.nullcontext():
-            with autocast(run.device, run.config.amp), _one_value_per_channel(run, stage, xi):
+            with autocast(run.device, run.config.amp), _one_value_per_channel(run, xi):
                 loss = loss_fn(train_model(xi), yi) / parts
             total += loss.detach().float()
             if not last:
@@ -94,7 +94,7 @@ def _train_step(run: Run, stage: Stage, train_model: nn.Module, x: torch.Tensor,
 
 
 @contextlib.contextmanager
-def _one_value_per_channel(run: Run, stage: Stage, x: torch.Tensor):
+def _one_value_per_channel(run: Run, x: torch.Tensor):
     """torch's BatchNorm refuses to train on one value per channel: a batch of one image
     after a global pooling (DeepLabV3's ASPP pooling branch). One line, with the fix."""
     try:
@@ -102,7 +102,7 @@ def _one_value_per_channel(run: Run, stage: Stage, x: torch.Tensor):
     except ValueError as e:
         if "more than 1 value per channel" not in str(e):
             raise
-        least = 2 * run.dist.world_size  # each micro-batch is batch-size / processes
+        least = 2 * run.dist.world_size  # a micro-batch is --batch-size / processes
         raise UserError(f"a BatchNorm layer cannot train on a batch of {len(x)} image(s) per "
                         f"process after a global pooling ({str(e).split(', got')[0]}); give "
                         f"--batch-size {least} or more") from None
@@ -128,6 +128,8 @@ def _backward(loss: torch.Tensor, optimizer, scaler, clip: float | None = None,
 
 def _split(y, parts: int) -> list:
     """Targets cut like the inputs: tensors, or tensors nested in lists, tuples, dicts."""
+    if parts == 1:  # a task's targets may hold anything (file names, ids)
+        return [y]
     leaves, spec = tree_flatten(y)
     if not all(isinstance(t, torch.Tensor) for t in leaves):
         raise UserError("--grad-accum cannot split targets that are not tensors; run without it")

@@ -328,10 +328,12 @@ def read_arm_result(run_dir: Path) -> RunResult | None:
     if not path.is_file():
         return None
     doc = read_json(path)
+    doc = {**doc.get("result", {}), **doc}  # older files: the result beside its rows
     nan = float("nan")  # strict JSON wrote a missing number as null
     try:
         rows = [{k: nan if v is None else v for k, v in row.items()} for row in doc["rows"]]
-        return RunResult(**{**doc, "run_dir": Path(run_dir), "rows": rows,
+        fields = {k: doc[k] for k in RunResult.__dataclass_fields__ if k in doc}
+        return RunResult(**{**fields, "run_dir": Path(run_dir), "rows": rows,
                             "metric_names": tuple(doc["metric_names"])})
     except (KeyError, TypeError, AttributeError) as e:
         raise _damaged(path, f"result: {e}") from None

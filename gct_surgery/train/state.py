@@ -221,8 +221,9 @@ def read_state(run_dir: Path) -> dict:
         raise RunError(f"{path} is not a readable train state ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise RunError(f"{path} is not a gct-surgery train state of version {STATE_VERSION}; "
-                       "start the run again with a new --out")
+        raise RunError(f"{path} is not a train state this gct-surgery reads (version "
+                       f"{STATE_VERSION}; another version wrote it, or another tool); start the "
+                       "run again with a new --out")
     return state
 
 
@@ -399,7 +400,8 @@ def extend_run(run_dir: Path, state: dict, epochs: int,
         total = sum(steps // s.grad_accum * s.epochs for s in before.stages)
         changes["ema_decay"] = ema_decay_for(config, total)
     state["run"] = with_extension(state["run"], after, epochs=epochs, config_changes=changes)
-    save_state(run_dir, state, "; nothing was changed, run the same command again")
+    if distributed.is_main_process():  # every rank extends alike; one writes
+        save_state(run_dir, state, "; nothing was changed, run the same command again")
     return after
 
 
