@@ -17,10 +17,10 @@ from .core.model import example_input, max_difference, model_num_classes, run_mo
 from .core.surgery import InjectionReport, inject
 from .core.targets import TargetSpec, select_targets, watch_convs
 from .errors import SourceError, first_line
-from .io.checkpoint import RECORD_ATTR, default_checkpoint_name, load_checkpoint, run_folder_hint, save
-from .io.metadata import METADATA_KEY, CheckpointMeta
-from .io.state_dicts import (classes_in, is_safetensors, load_file_weights, read_header,
-                             read_weights_file)
+from .io.checkpoint import (RECORD_ATTR, default_checkpoint_name, is_checkpoint, load_checkpoint,
+                            run_folder_hint, save)
+from .io.metadata import CheckpointMeta
+from .io.state_dicts import classes_in, is_safetensors, load_file_weights, read_weights_file
 from .io.sources import (ARCH_HINT, ModelSource, build_model, did_you_mean, model_data_config,
                          parse_source, recordable, resolve_hub, timm_hub)
 from .io.trust import remember
@@ -70,7 +70,7 @@ def open_source(
                               "timm:NAME, torchvision:NAME, file.py:factory or a checkpoint file)")
         if path.is_dir():
             raise SourceError(run_folder_hint(path) or f"{path} is a folder, not a checkpoint file")
-        if is_safetensors(path) and METADATA_KEY in read_header(path)[1]:  # corrupt: a clear error
+        if is_checkpoint(path):  # a damaged one: load_checkpoint's clear error
             loaded = load_checkpoint(path)
             return Opened(loaded.model, loaded.meta)
         return _open_weights_file(path, arch, num_classes, in_chans, use_ema, allow_pickle)

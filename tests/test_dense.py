@@ -319,6 +319,15 @@ def test_readme_saliency_and_segmentation_run_as_written(tmp_path, capsys, monke
     doc = json.loads(out)
     assert doc["task"] == "saliency" and doc["samples"] == 4
     assert doc["mae"] == pytest.approx(float(final["mae"]), abs=1e-5)
+    # eval opens only the split it scores: a train folder that is gone changes nothing
+    import shutil
+
+    shutil.rmtree(tmp_path / "saliency-data" / "train")
+    code = gct_surgery.cli.run(["eval", str(run_dir / "last.safetensors"), "--data",
+                                str(tmp_path / "saliency-data"), "--workers", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert json.loads(out)["mae"] == pytest.approx(doc["mae"], abs=1e-9)
     # probabilities or logits is never guessed
     code = gct_surgery.cli.run(["finetune", str(tmp_path / "u2net.gct.safetensors"), "--data",
                                 str(tmp_path / "saliency-data"), "--task", "saliency", "-o",

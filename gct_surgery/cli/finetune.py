@@ -105,8 +105,6 @@ def finetune(
     """Fine-tune a gated checkpoint in stages: gates first, everything else frozen, then everything.
 
     Runs under `torchrun --nproc-per-node N gct-surgery finetune ...` too."""
-    from ..train import distributed
-
     needed = (("CHECKPOINT", checkpoint is None, "give a CHECKPOINT, or --resume RUN_DIR"),
               ("--data", data is None, "give the image folder"),
               ("--out", out is None, "give the run folder"),
@@ -125,6 +123,8 @@ def finetune(
     from ..train.config import RESUMABLE, TrainConfig
     from ..train.faults import Interrupted
     from ..train.loop import finetune as run_finetune, resume as run_resume
+    from ..train import distributed
+    from ..train.compare import compare, resume_comparison
     from ..train.outputs import is_comparison, replace_run
     from ..train.recipe import default_recipe, load_recipe
 
@@ -132,10 +132,7 @@ def finetune(
     try:
         if resume is not None:  # a run, or a whole --baseline comparison (its verdict at the end)
             baseline = is_comparison(resume)
-            if baseline:  # the verdict's statistics (scipy) load only for a comparison
-                from ..train.compare import resume_comparison as again
-            else:
-                again = run_resume
+            again = resume_comparison if baseline else run_resume
             result = again(resume, on_event=reporter, data=str(data) if data else None,
                            strict=True if strict else None, skip_nonfinite=skip_nonfinite,
                            epochs=_resume_epochs(epochs),
@@ -165,8 +162,6 @@ def finetune(
             if force:  # a --seed-index job replaces its own seed only: the others may be running
                 replace_run(out if seed_index is None else out / f"seed-{seed + seed_index}")
             if baseline:
-                from ..train.compare import compare
-
                 result = compare(checkpoint, chosen, config, seeds=n_seeds, max_seeds=max_seeds,
                                  plain=plain, control=control.value, resolution=resolution,
                                  seed_index=seed_index, on_event=reporter)

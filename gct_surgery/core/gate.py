@@ -336,10 +336,15 @@ class GCT(nn.Module):
                 + (f", impl={self.impl!r}" if self.impl != "fast" else ""))
 
 
+def gate_modules(model: nn.Module) -> list[GCT]:
+    """Every GCT in ``model``, found by type (not by the name it is stored under)."""
+    return [m for m in model.modules() if isinstance(m, GCT)]
+
+
 def set_gate_impl(model: nn.Module, impl: str) -> int:
     """Set ``impl`` ('fast' or 'reference') on every GCT in ``model``; returns how many."""
     _check(impl, IMPLS, "impl")
-    found = [m for m in model.modules() if isinstance(m, GCT)]
+    found = gate_modules(model)
     for m in found:
         m.impl = impl
     return len(found)

@@ -107,12 +107,17 @@ def dense_heads(model: nn.Module) -> list[str]:
     return [n for n in DENSE_HEADS if isinstance(modules.get(n), nn.Conv2d)]
 
 
+def head_name(model: nn.Module) -> str | None:
+    """Where the class scores come from: the classifier, else the first dense head conv."""
+    return classifier_name(model) or next(iter(dense_heads(model)), None)
+
+
 def model_num_classes(model: nn.Module) -> int | None:
     """The class count the model predicts: timm's ``num_classes``, else the head's size."""
     n = getattr(model, "num_classes", None)
     if isinstance(n, int):
         return n
-    name = classifier_name(model) or next(iter(dense_heads(model)), None)
+    name = head_name(model)
     head = model.get_submodule(name) if name else None
     return getattr(head, "out_features", getattr(head, "out_channels", None))
 

@@ -128,7 +128,7 @@ def inject(model: nn.Module, targets: TargetSpec = TargetSpec(),
         gates_total=len(gated),
         params_added=sum(_count(getattr(t.module, GATE_ATTR)) for t in new),
         base_params=base_params,
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_params=trainable_parameter_count(model),
         gated=gated,
         selection=selection,
     )
@@ -150,6 +150,10 @@ def remove(model: nn.Module) -> int:
 
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def base_parameter_count(model: nn.Module) -> int:

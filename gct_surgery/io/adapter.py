@@ -20,10 +20,11 @@ from torch import nn
 
 from ..core.surgery import gated_modules, is_gate_parameter
 from ..errors import CheckpointError
-from .checkpoint import base_state, load_checkpoint, read_metadata, rebuild, stored_tensors
+from .checkpoint import (base_state, is_checkpoint, load_checkpoint, read_metadata, rebuild,
+                         stored_tensors)
 from .metadata import METADATA_KEY, CheckpointMeta
 from .sources import ModelSource, build_model, parse_source, resolve_hub
-from .state_dicts import is_safetensors, load_weights, read_header, require_file
+from .state_dicts import load_weights, require_file, unshared
 from .trust import require
 
 HASH_PREFIX = "sha256:"
@@ -35,7 +36,7 @@ def base_hash(state: dict) -> str:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, not a copy of them
     return HASH_PREFIX + h.hexdigest()
 
 
@@ -83,8 +84,7 @@ def resolve_base(meta: CheckpointMeta, base: str | os.PathLike | nn.Module | Non
         if parse_source(where)[0] != "file":
             return build_model(ModelSource(where, kwargs), allow_pickle=allow_pickle), where
         require_file(where)
-        # a gct-surgery checkpoint is a whole model (a gates-only one is refused)
-        if is_safetensors(where) and METADATA_KEY in read_header(where)[1]:
+        if is_checkpoint(where):  # a whole model (a gates-only one is refused)
             return load_checkpoint(where).model, where
         arch = _open_event(meta).get("source") or meta.source.get("spec")
         source = ModelSource(arch, kwargs, weights=where)  # weights for the recorded architecture
@@ -100,9 +100,9 @@ def save_adapter(model: nn.Module, meta: CheckpointMeta, base: nn.Module, path: 
     from safetensors.torch import save_file
 
     same = base_state(base)  # every gate tensor, and every other one the base lacks or differs in
-    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in model.state_dict().items()
-               if not (k in same and same[k].dtype == v.dtype and torch.equal(same[k], v))}
+    tensors = unshared({
+        k: v for k, v in model.state_dict().items()
+        if not (k in same and same[k].dtype == v.dtype and torch.equal(same[k], v))})
     changed = sorted(k for k in tensors if not is_gate_parameter(k))
     out = replace(meta, kind="gates-only", gated=list(gated_modules(model)), aliases={},
                   base_hash=base_hash(same))

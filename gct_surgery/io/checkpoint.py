@@ -29,7 +29,8 @@ from .atomic import atomic_path
 from .metadata import METADATA_KEY, CheckpointMeta, check_against_header
 from .sources import (ModelSource, build_model, check_recorded_source, model_data_config,
                       parse_source, recordable, timm_hub)
-from .state_dicts import STATE_DICT_SUFFIXES, load_weights, read_header, read_tensors
+from .state_dicts import (STATE_DICT_SUFFIXES, is_safetensors, load_weights, read_header,
+                          read_tensors)
 from .trust import remember, require
 
 RECORD_ATTR = "_gct_record"  # the CheckpointMeta a model was loaded or saved with
@@ -53,6 +54,12 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
     meta = replace(meta, aliases={**meta.aliases, **tied})
     check_against_header(meta, shapes, path)
     return meta
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A safetensors file with gct-surgery metadata (damaged or not: ``load_checkpoint``
+    then says what is wrong), rather than another trainer's weights."""
+    return is_safetensors(path) and METADATA_KEY in read_header(path)[1]
 
 
 def _make_one(path: Path) -> str:

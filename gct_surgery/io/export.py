@@ -44,7 +44,7 @@ from ..errors import UserError, VerificationError, first_line
 from .adapter import apply_adapter, resolve_base, save_adapter
 from .atomic import atomic_folder, atomic_path, storage_error
 from .checkpoint import load_checkpoint, write_checkpoint
-from .state_dicts import refuse_nonfinite
+from .state_dicts import refuse_nonfinite, unshared
 from .metadata import CheckpointMeta
 
 if TYPE_CHECKING:
@@ -163,12 +163,13 @@ def export(
                         "form: export -o NAME.safetensors --gates-only")
     output = Path(output)
     loaded = load_checkpoint(checkpoint)
-    model, meta = loaded.model.eval(), loaded.meta
+    model, meta = loaded.model, loaded.meta  # in eval mode
     refuse_nonfinite(model, checkpoint, "exported")  # the file's fault, not the export's
     x = example_input(input_size or meta.data.get("input_size"), batch=2)
-    reference = run_model(model, x)
+    outputs = run_with_hooks(model, x, [])  # the structure names a graph's outputs
+    reference = flat_outputs(outputs)
     form = "gates-only" if gates_only else "unload" if unload else "fold" if fold else "full"
-    result = ExportResult(output, form, format, float("nan"), 0, len(gates(model)),
+    result = ExportResult(output, form, format, float("nan"), 0, 0,  # _apply_form counts gates
                           source_size_bytes=Path(checkpoint).stat().st_size)
     expected, event = _apply_form(model, form, x, reference, result, fold_tol)
     if format == "timm":
@@ -188,7 +189,7 @@ def export(
         elif format == "timm":
             rebuilt = _write_timm_folder(model, meta, tmp, output)
         elif format == "onnx":
-            result.output_names = output_names(run_with_hooks(model, x, []))
+            result.output_names = output_names(outputs)
             return _write_onnx(model, x, tmp, opset, spatial, result.output_names)
         else:
             return _write_pt2(model, x, tmp, output, spatial)
@@ -312,8 +313,7 @@ def _write_timm_folder(model: nn.Module, meta: CheckpointMeta, folder: Path, out
     model_config = {"label_names": list(names)} if same else {}
     data_config = {k: meta.data[k] for k in _TIMM_DATA_KEYS if meta.data.get(k) is not None}
     # timm's loader wants every key, safetensors no shared storage: a copy per name
-    save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(unshared(model.state_dict()), str(folder / "model.safetensors"))
     try:
         save_config_for_hf(model, str(folder / "config.json"), model_config=model_config,
                            data_config=data_config)

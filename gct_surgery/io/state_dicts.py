@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.model import classifier_name, dense_heads
+from ..core.model import classifier_name, head_name
 from ..core.surgery import is_gate_parameter
 from ..errors import CheckpointError, SourceError, first_line
 
@@ -208,7 +208,7 @@ def classes_in(model: nn.Module, tensors: dict, fallback: int | None = None) -> 
     """The class count of the file's classifier (the row count of the weight under the
     model's head name, a Lightning prefix stripped), else ``fallback`` (the file's
     ``num_classes`` argument)."""
-    head = classifier_name(model) or next(iter(dense_heads(model)), None)
+    head = head_name(model)
     weight = _fitted(model, tensors)[0].get(f"{head}.weight") if head else None
     if weight is not None and weight.ndim >= 2:
         return int(weight.shape[0])
@@ -340,9 +340,18 @@ def _size_hint(model: nn.Module, shapes: list) -> str | None:
 
 # --- non-finite weights ----------------------------------------------------------------
 
+def unshared(tensors: dict) -> dict:
+    """A contiguous CPU copy of each tensor: safetensors' ``save_file`` refuses tensors
+    that share storage (tied weights), and a copy per name keeps every name."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in tensors.items()}
+
+
 def first_nonfinite(tensors) -> tuple[str, str] | None:
-    """``(name, what)`` of the first of ``(name, tensor)`` pairs holding a NaN or inf:
-    ``what`` says which and how many, e.g. ``"12 NaN of 4,608 values"``."""
+    """``(name, what)`` of the first of a model's tensors, or of ``(name, tensor)`` pairs,
+    holding a NaN or inf: ``what`` says which and how many, e.g. ``"12 NaN of 4,608 values"``."""
+    if isinstance(tensors, nn.Module):
+        tensors = itertools.chain(tensors.named_parameters(), tensors.named_buffers())
     for name, t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
@@ -355,8 +364,6 @@ def refuse_nonfinite(tensors, source: str | os.PathLike, action: str) -> None:
     """Refuse weights (a model, or ``(name, tensor)`` pairs) holding NaN or inf, naming
     the file and the first such tensor: the fault is the file's, not the export's (or
     the learning rate's)."""
-    if isinstance(tensors, nn.Module):
-        tensors = itertools.chain(tensors.named_parameters(), tensors.named_buffers())
     found = first_nonfinite(tensors)
     if found is not None:
         raise CheckpointError(

@@ -303,8 +303,11 @@ def _run_seeds(plan: Plan, on_event: Event | None, overrides: dict,
     runs: list[SeedRuns] = []
     auto, main = plan.seeds == "auto" and only is None, is_main_process()
     v, stopped, stop = None, "", False
+    classes = plan.config.num_classes  # a head that --num-classes replaces: the head stage's lr
+    flat = plain_recipe(plan.recipe, new_head=classes is not None and classes != model_num_classes(
+        load_for_training(plan.checkpoint).model)) if plan.plain else None
     for i in range(plan.count) if only is None else (only,):
-        runs.append(_run_seed(plan, i, on_event, overrides, alone=only is not None))
+        runs.append(_run_seed(plan, i, on_event, overrides, flat, alone=only is not None))
         if main and auto and len(runs) >= 2:
             v = paired_verdict(plan, runs)
             stop, stopped = should_stop(v, plan.max_seeds)
@@ -326,10 +329,10 @@ def _run_seeds(plan: Plan, on_event: Event | None, overrides: dict,
 
 
 def _run_seed(plan: Plan, index: int, on_event: Event | None, overrides: dict,
-              alone: bool = False) -> SeedRuns:
-    """One seed's arms into ``OUT/seed-S/``, beside that seed's plan. Each arm is read
-    back when it finished (``result.json``, as many rows as the recipe's epochs), resumed
-    when interrupted or extended, or started."""
+              flat: Recipe | None, alone: bool = False) -> SeedRuns:
+    """One seed's arms into ``OUT/seed-S/``, beside that seed's plan (``flat``: the plain
+    arm's recipe, with --plain). Each arm is read back when it finished (``result.json``,
+    as many rows as the recipe's epochs), resumed when interrupted or extended, or started."""
     folder, seed = plan.folder(index), plan.config.seed + index
     if is_main_process() and not (folder / SEED_PLAN).exists():
         write_plan(folder / SEED_PLAN, plan.doc(seed=seed, index=index))
@@ -354,11 +357,8 @@ def _run_seed(plan: Plan, index: int, on_event: Event | None, overrides: dict,
     gct = arm("gct", lambda c, e: finetune(plan.checkpoint, plan.recipe, c, on_event=e))
     control = arm("control", lambda c, e: finetune_control(
         plan.checkpoint, plan.recipe, c, control=plan.control, on_event=e))
-    if not plan.plain:
+    if flat is None:
         return SeedRuns(seed, gct, control)
-    classes = plan.config.num_classes  # a head that --num-classes replaces: the head stage's lr
-    flat = plain_recipe(plan.recipe, new_head=classes is not None and classes != model_num_classes(
-        load_for_training(plan.checkpoint).model))
     plain = arm("plain", lambda c, e: finetune_control(plan.checkpoint, flat, c, on_event=e))
     return SeedRuns(seed, gct, control, plain)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .distributed import check_given
@@ -79,12 +80,17 @@ RESUMABLE = ("data", "strict", "skip_nonfinite", "epochs")  # what a resume may 
 
 
 def resume_overrides(*, data: str | None = None, strict: bool | None = None,
-                     skip_nonfinite: int | None = None, epochs: int | None = None) -> dict:
-    """The settings a resumed run (or comparison) may change, those given only; every
-    other recorded setting is fixed (``extend.refuse_fixed``). ``epochs`` extends the
-    stages not yet finished (``extend.py``); the rest are config fields."""
-    given = {"data": data, "strict": strict, "skip_nonfinite": skip_nonfinite, "epochs": epochs}
+                     skip_nonfinite: int | None = None) -> dict:
+    """The config fields a resumed run (or comparison) may change, those given only; every
+    other recorded setting is fixed (``state.refuse_fixed``), and ``--epochs`` extends the
+    stages not yet finished (``state.extend_run``)."""
+    given = {"data": data, "strict": strict, "skip_nonfinite": skip_nonfinite}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def setting(config: Any, key: str, default: Any = None) -> Any:
+    """A setting of a ``TrainConfig`` or of a config recorded as a dict (None: default)."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
 def ema_decay_for(config: TrainConfig, total_steps: int) -> float:

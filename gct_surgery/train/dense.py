@@ -18,13 +18,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .data import DataReport, unreadable_files
+from .data import DataReport, read_image, unreadable_files
+from .layouts import IMAGE_EXTENSIONS
 
 IGNORE = 255  # a segmentation mask's "no label" (VOC's object borders)
 BETA2 = 0.3  # the F-measure's beta^2 in salient object detection
 THRESHOLDS = 256  # a saliency map binarised at 0..255
 EPS = 2.220446049250313e-16  # MATLAB's eps, as the S-measure's reference code adds it
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def mask_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
@@ -36,7 +36,7 @@ def mask_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
         if not folder.is_dir():
             raise UserError(f"{folder}: no such folder; a dense task reads "
                             "DATA/{train,val}/images/* and DATA/{train,val}/masks/*.png")
-    image_of = _by_stem(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    image_of = _by_stem(p for p in images.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
     mask_of = _by_stem(p for p in masks.iterdir() if p.suffix.lower() == ".png")
     if not mask_of:
         raise UserError(f"{masks}: no .png masks; put one mask per image there (same stem)")
@@ -97,7 +97,7 @@ class MaskFolder(Dataset):
         if labels:
             _refuse_binary_masks(split_dir, [mask for _, mask in self.pairs])
         channels, height, width = data_config["input_size"]
-        self.image_mode = "L" if channels == 1 else "RGB"
+        self.channels = channels
         sizes = []
         for image, mask in self.pairs:
             with Image.open(image) as a, Image.open(mask) as b:  # headers only
@@ -131,8 +131,7 @@ class MaskFolder(Dataset):
         from torchvision import tv_tensors
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        with Image.open(self.pairs[index][0]) as im:
-            image = tv_tensors.Image(pil_to_tensor(im.convert(self.image_mode)))
+        image = tv_tensors.Image(pil_to_tensor(read_image(self.pairs[index][0], self.channels)))
         mask = torch.from_numpy(self.read_mask(index).astype(np.int64))[None]
         if self.augment:
             image, mask = self.transform(image, tv_tensors.Mask(mask))
@@ -162,10 +161,15 @@ class _DenseTask:
     labels = False
 
     def datasets(self, data_dir: Path, data_config: dict, *, augment: bool):
-        data_dir = Path(data_dir)
-        self.data = [MaskFolder(data_dir / split, data_config, labels=self.labels,
-                                augment=augment and split == "train") for split in ("train", "val")]
-        return tuple(self.data)
+        return tuple(self.open_split(data_dir, data_config, name,
+                                     augment=augment and name == "train")
+                     for name in ("train", "val"))
+
+    def open_split(self, data_dir: Path, data_config: dict, name: str, *, augment: bool = False):
+        """One split's mask folder: ``eval`` opens (and decodes) only the one it scores."""
+        folder = MaskFolder(Path(data_dir) / name, data_config, labels=self.labels, augment=augment)
+        self.data = [*getattr(self, "data", []), folder]  # where a bad class index is looked for
+        return folder
 
     def batch_size(self, target: dict) -> int:
         return len(target["size"])
@@ -332,8 +336,7 @@ class SegmentationTask(_DenseTask):
             summed = sum(F.cross_entropy(o[None], m[None], ignore_index=IGNORE, reduction="sum")
                          for o, m in _crops(out, target))
             total = total + weight * summed  # a mask of "ignore" only adds nothing
-        labelled = sum(int((m != IGNORE).sum())
-                       for _, m in _crops(self.logits(output)["out"], target))
+        labelled = int((target["mask"] != IGNORE).sum())  # padding is IGNORE too
         return total / max(labelled, 1)
 
     def per_image(self, output: Any, target: dict) -> torch.Tensor:

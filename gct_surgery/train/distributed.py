@@ -94,13 +94,10 @@ def autocast(device: torch.device, amp: str):
 
 def to_device(x: Any, device: torch.device) -> Any:
     """A tensor, or tensors nested in lists, tuples and dicts, moved to ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor)
+                    else t, x)
 
 
 def batch_size_of(task: Any, target: Any) -> int:

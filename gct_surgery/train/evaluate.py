@@ -163,8 +163,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
         if split not in ("train", "val", "validation"):
             raise UserError(f"--task {spec} gives train and val datasets only; "
                             "pass --split val or --split train")
-        train, val = scorer.datasets(Path(data), cfg, augment=False)  # no augmentation
-        dataset = train if split == "train" else val
+        if callable(getattr(scorer, "open_split", None)):  # a built-in dense task: that split only
+            dataset = scorer.open_split(Path(data), cfg, "train" if split == "train" else "val")
+        else:
+            train, val = scorer.datasets(Path(data), cfg, augment=False)  # no augmentation
+            dataset = train if split == "train" else val
         if callable(getattr(scorer, "check_model", None)):
             scorer.check_model(model)
     report = getattr(dataset, "report", None) or DataReport()

@@ -40,7 +40,7 @@ from typing import Any
 from timm.utils.misc import natural_key
 
 from ..errors import DataError
-from .config import COLOR_JITTER, CROP_SCALE, HFLIP, TrainConfig
+from .config import COLOR_JITTER, CROP_SCALE, HFLIP, TrainConfig, setting
 from .data import DataReport, ImageFolderDataset
 
 _logger = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ class DataOptions:
     def from_config(cls, config: TrainConfig | dict | None) -> "DataOptions":
         """The options a run's config (or a checkpoint's recorded one) asks for; with
         no config (None), the defaults."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        return cls(**{k: get(k, f.default) for k, f in cls.__dataclass_fields__.items()})
+        return cls(**{k: setting(config, k, f.default)
+                      for k, f in cls.__dataclass_fields__.items()})
 
 
 def recorded_config(meta: Any) -> dict:

@@ -50,11 +50,10 @@ from .faults import Interrupted, RunError, StopFlag, fault_point, install_fault
 from .outputs import RunDir, hold, new_run, run_record, write_plot, write_run_json
 from .recipe import Recipe
 from .state import (Event, Progress, Run, check_world, count_steps, data_record, extend_run,
-                    fit_scheduler, note_position, read_state, recorded_run, refuse_fixed,
-                    set_rng_state, steps_per_epoch)
+                    note_position, read_state, recorded_run, refuse_fixed, set_rng_state)
 from .stages import (Stage, freeze_for_stage, hold_gamma, make_optimizer, make_scheduler,
                      trained_words)
-from .task import Task, load_task
+from .task import load_task
 
 _logger = logging.getLogger(__name__)
 
@@ -82,9 +81,7 @@ def with_drop_path(model: nn.Module, meta: CheckpointMeta,
         raise UserError(f"--drop-path needs a timm model (it is set when timm builds one), and "
                         f"this checkpoint's model comes from {spec or 'an unrecorded source'}; "
                         "run without --drop-path")
-    source = copy.deepcopy(meta.source)
-    source.setdefault("kwargs", {})["drop_path_rate"] = rate
-    meta = replace(meta, source=source)
+    meta = with_kwarg(meta, "drop_path_rate", rate)
     rebuilt = rebuild(meta)
     load_weights(rebuilt, model.state_dict(), what="the model", allow_missing_gates=False)
     return rebuilt, meta.with_event("drop_path", rate=rate)
@@ -119,7 +116,6 @@ def resume(run_dir: str | Path, *, on_event: Event | None = None,
             meta = meta.with_event("extend", epochs=epochs, recipe=extended.to_dict())
         config, recipe, source = recorded_run(run_dir, state, **overrides)
         require(config.task, named_by=str(RunDir(run_dir).state), what="a task")
-        fit_scheduler(state, recipe, steps_per_epoch(state))
         model = rebuild(meta, named_by=str(run_dir))
         freeze_norms_saved_frozen(model, state["model"])  # as the run's model had them
         return run_recipe(model, meta, recipe, config, on_event or log_event, state=state,
@@ -150,14 +146,14 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
 
     data_cfg = resolve_data_config(meta.data, model, img_size=config.img_size)
     train_set, val_set = task.datasets(Path(config.data), data_cfg, augment=config.augment)
-    check_world(state, meta, model, config, task, (train_set, val_set), ctx.world_size)
+    check_world(state, meta, config, task, (train_set, val_set), ctx.world_size)
 
     # Model: a new head when the data has another class count, seeded. A new head
     # is random: gates stages then train it too.
     if state is None:
         if config.drop_path:  # stochastic depth exists only if timm builds the model with it
             model, meta = with_drop_path(model, meta, config.drop_path)
-        replaced = _adapt_head(model, meta, config, task)
+        replaced = _adapt_head(model, meta, config)
         if replaced is not meta:
             meta = replaced
             recipe = Recipe(tuple(replace(s, train_head=True) if s.kind == "gates" else s
@@ -221,16 +217,20 @@ def run_recipe(model: nn.Module, meta: CheckpointMeta, recipe: Recipe, config: T
     return _result(run, time.perf_counter() - started)
 
 
-def _adapt_head(model: nn.Module, meta: CheckpointMeta, config: TrainConfig, task: Task) -> CheckpointMeta:
+def _adapt_head(model: nn.Module, meta: CheckpointMeta, config: TrainConfig) -> CheckpointMeta:
     n = config.num_classes
     if n is None or n == model_num_classes(model):
         return meta
     torch.manual_seed(config.seed)  # the new head's initialisation is part of the seed
     replace_head(model, n)
+    return with_kwarg(meta, "num_classes", n).with_event("replace_head", num_classes=n)
+
+
+def with_kwarg(meta: CheckpointMeta, key: str, value) -> CheckpointMeta:
+    """The record with one more builder argument: a resume or a reload builds the same."""
     source = copy.deepcopy(meta.source)
-    source.setdefault("kwargs", {})["num_classes"] = n
-    meta = replace(meta, source=source)
-    return meta.with_event("replace_head", num_classes=n)
+    source.setdefault("kwargs", {})[key] = value
+    return replace(meta, source=source)
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -278,7 +278,10 @@ def run_stage(run: Run, stage: Stage) -> None:
     if progress.stage_step:  # resumed mid-stage
         saved = run.resume_from
         optimizer.load_state_dict(saved["optimizer"])
+        length = getattr(scheduler, "t_initial", None)  # this stage's epochs x updates
         scheduler.load_state_dict(saved["scheduler"])
+        if length is not None:  # an extended stage: its cosine stretches, its warm-up stays
+            scheduler.t_initial = length
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
     run.resume_from = None  # later stages start afresh

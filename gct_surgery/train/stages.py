@@ -48,9 +48,9 @@ from timm.optim._param_groups import auto_group_layers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from ..core.gate import GCT
+from ..core.gate import gate_modules
 from ..core.model import head_parameters, model_num_classes
-from ..core.surgery import gates, is_gate_parameter
+from ..core.surgery import gates, is_gate_parameter, trainable_parameter_count
 from ..errors import UserError
 
 STAGE_KINDS = ("gates", "head", "full")
@@ -144,10 +144,6 @@ class Stage:
 
 # --- which parameters are which -----------------------------------------------------
 
-def gate_modules(model: nn.Module) -> list[GCT]:
-    return [m for m in model.modules() if isinstance(m, GCT)]  # by module type, not by name
-
-
 def gate_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(betas, alphas_and_gammas)`` of every gate."""
     found = gate_modules(model)
@@ -195,7 +191,7 @@ def freeze_for_stage(model: nn.Module, stage: Stage, *, allow_empty: bool = Fals
         trainable |= {id(p) for m in bn_modules(model) for p in m.parameters(recurse=False)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable and id(p) not in frozen)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = trainable_parameter_count(model)
     if n == 0 and not allow_empty:
         why = ("the model has no classifier head (no Linear layer); use a 'gates' or 'full' stage"
                if stage.kind == "head" else "the model has no gates, or all of it is frozen; add "
@@ -255,7 +251,7 @@ def unfreeze(model: nn.Module) -> int:
         m.__dict__.pop("train", None)  # freeze_base's hold, if any
         m.train(model.training)
     model.__dict__.pop(_BASE_FROZEN, None)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable_parameter_count(model)
 
 
 def param_groups(model: nn.Module, *, lr: float, base_lr: float | None = None,

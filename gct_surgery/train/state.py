@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import itertools
 import logging
 import random
 from dataclasses import dataclass, field, replace
@@ -188,7 +187,7 @@ def save_state(run_dir: Path, state: dict, hint: str) -> None:
 def refuse_nonfinite_weights(run: Run) -> None:
     """Never save non-finite weights (a finite loss whose update overflowed): a state
     that cannot train on is not a resumable one."""
-    bad = first_nonfinite(itertools.chain(run.model.named_parameters(), run.model.named_buffers()))
+    bad = first_nonfinite(run.model)
     if bad is not None:
         p = run.progress
         raise NonFiniteLossError(
@@ -283,8 +282,8 @@ def data_record(task: Any, train_set: Any, val_set: Any, config: TrainConfig,
     return record
 
 
-def check_world(state: dict | None, meta: CheckpointMeta, model: nn.Module,
-                config: TrainConfig, task: Any, splits: tuple, world_size: int) -> None:
+def check_world(state: dict | None, meta: CheckpointMeta, config: TrainConfig, task: Any,
+                splits: tuple, world_size: int) -> None:
     """Before a resume trains: the data and the tensors it resumes from are the ones the
     run had (see the module doc). Nothing to check for a new run."""
     if state is None:
@@ -367,18 +366,6 @@ def check_extension(state: dict, before: Recipe, after: Recipe, run_dir: Path) -
         raise UserError(f"--epochs {stage.epochs}: stage {stage.name!r} of {run_dir} has already "
                         f"{'started' if step else 'done'} epoch {least}; give --epochs {least} "
                         "or more")
-
-
-def fit_scheduler(state: dict, recipe: Recipe, steps_per_epoch: int | None) -> None:
-    """The saved scheduler of the stage in progress, stretched to the stage's epochs in
-    ``recipe`` (a no-op unless the run was extended): the cosine's length is
-    ``epochs x steps``; its warm-up stays as it was."""
-    saved = state.get("scheduler")
-    if not steps_per_epoch or not isinstance(saved, dict) or "t_initial" not in saved:
-        return
-    if state["stage_index"] < len(recipe.stages) and state["stage_step"]:
-        stage = recipe.stages[state["stage_index"]]  # an update takes grad_accum batches
-        saved["t_initial"] = stage.epochs * (steps_per_epoch // stage.grad_accum)
 
 
 def extend_run(run_dir: Path, state: dict, epochs: int,

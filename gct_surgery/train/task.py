@@ -58,6 +58,7 @@ from torch.utils.data import Dataset
 
 from ..core.model import classifier_name, model_num_classes
 from ..errors import UserError
+from .config import setting
 from .data import create_transform
 from .layouts import DataOptions, open_datasets
 
@@ -163,8 +164,7 @@ def load_task(spec: str | None, config: Any = None) -> Task:
 
         if spec == "segmentation":
             return SegmentationTask()
-        get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
-        return SaliencyTask(get("outputs"), bool(get("iou_loss")))
+        return SaliencyTask(setting(config, "outputs"), bool(setting(config, "iou_loss")))
     ref, sep, attr = spec.rpartition(":")
     if not sep or not ref or not attr:
         raise TaskError(f"--task {spec!r}: write module:object or path/to/file.py:object")
