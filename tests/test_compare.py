@@ -311,3 +311,17 @@ def test_the_ema_averages_over_a_twelve_step_run(ckpt, data, tmp_path):
     assert not torch.equal(raw, ema)  # and it is an average, not the raw weights
     # best.safetensors is the validated EMA of its epoch
     assert torch.equal(_flat(out / "best.safetensors"), ema) == (result.best["epoch"] == 4)
+
+
+def test_plain_adds_one_full_stage_of_the_total_epochs_and_its_own_verdict(ckpt, data, tmp_path,
+                                                                           capsys):
+    """--plain: a third arm, the fine-tune a user would run without gates (one full stage
+    of the recipe's total epochs, gates removed), with its verdict against GCT."""
+    out = tmp_path / "plain"
+    assert cli_run(args(ckpt, data, out, "--baseline", "--plain", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    plain = doc["runs"][0]["plain"]
+    assert [s["kind"] for s in plain["stages"]] == ["full"] and plain["gate_params"] == 0
+    assert plain["final"]["epoch"] == 2  # the recipe's gates + full epochs, in one stage
+    assert "against the plain fine-tune" in doc["plain_verdict"]["text"]
+    assert doc["verdict"]["seeds"] == doc["plain_verdict"]["seeds"] == 1
